@@ -6,6 +6,55 @@
 //! - [`client`] is a reconnecting NBD client that is itself a
 //!   [`BlockDevice`], used by the node frontends and for forwarding to a
 //!   volume's leader.
+//!
+//! # What is supported
+//!
+//! Handshake: fixed newstyle only, with `NO_ZEROES`. Options:
+//! `NBD_OPT_EXPORT_NAME`, `NBD_OPT_GO`, `NBD_OPT_INFO` (replies
+//! `NBD_INFO_EXPORT`, `NBD_INFO_BLOCK_SIZE` = 512 / the device's block size /
+//! 32 MiB, and `NBD_INFO_NAME` when asked), `NBD_OPT_LIST`, `NBD_OPT_ABORT`.
+//! Every other option (TLS, structured replies, meta contexts, extended
+//! headers) gets `NBD_REP_ERR_UNSUP`, so clients fall back to simple replies.
+//! Opening an export maps [`OpenError::Unknown`] to `NBD_REP_ERR_UNKNOWN`,
+//! [`OpenError::Policy`] to `NBD_REP_ERR_POLICY` and
+//! [`OpenError::Unavailable`] to `NBD_REP_ERR_SHUTDOWN`.
+//!
+//! Transmission: `READ`, `WRITE`, `FLUSH`, `TRIM`, `WRITE_ZEROES` (without
+//! `NO_HOLE` the device may free the range), `DISC`; `FUA` on writes, trims
+//! and write-zeroes. Exports advertise `HAS_FLAGS`, `SEND_FLUSH`, `SEND_FUA`,
+//! `SEND_TRIM`, `SEND_WRITE_ZEROES`, `CAN_MULTI_CONN`, and `READ_ONLY` when
+//! the device is read-only. Simple replies only; requests run concurrently
+//! and may be answered out of order.
+//!
+//! # Error numbers
+//!
+//! | [`BlockError`] / condition          | NBD error            |
+//! |-------------------------------------|----------------------|
+//! | `Io`                                | `NBD_EIO` (5)        |
+//! | `Fenced` (logged as fenced)         | `NBD_EIO` (5)        |
+//! | `OutOfRange` on read / trim         | `NBD_EINVAL` (22)    |
+//! | `OutOfRange` on write / write-zeroes| `NBD_ENOSPC` (28)    |
+//! | `ReadOnly`                          | `NBD_EPERM` (1)      |
+//! | `NoSpace`                           | `NBD_ENOSPC` (28)    |
+//! | `Invalid`                           | `NBD_EINVAL` (22)    |
+//! | `Unavailable`                       | `NBD_ESHUTDOWN` (108)|
+//! | zero length, unknown command or flag| `NBD_EINVAL` (22)    |
+//! | read or write longer than 32 MiB    | `NBD_EINVAL` (22)    |
+//! | `FAST_ZERO` flag (never advertised) | `NBD_ENOTSUP` (95)   |
+//!
+//! A write longer than 32 MiB is answered `NBD_EINVAL` and the connection is
+//! then closed (its payload cannot be skipped safely); a bad request magic
+//! closes the connection. Trim and write-zeroes carry no payload and are
+//! accepted up to the 32-bit length limit, as Linux and qemu send them.
+//!
+//! Fenced writes use `NBD_EIO` rather than `NBD_EPERM`: they must reach the
+//! filesystem as I/O errors, and a reconnecting client reads `NBD_EPERM` as
+//! "read-only export". The client maps error numbers back with
+//! [`BlockError::from_nbd_errno`] (EPERM→`ReadOnly`, EIO/ENOMEM→`Io`,
+//! EINVAL/EOVERFLOW/ENOTSUP→`Invalid`, ENOSPC→`NoSpace`,
+//! ESHUTDOWN→`Unavailable`, anything else→`Io`), turning EINVAL/ENOSPC for a
+//! range past the known end into `OutOfRange`. It never returns
+//! `NBD_ESHUTDOWN` to its callers: it reconnects and replays instead.
 
 use std::sync::Arc;
 
@@ -15,6 +64,7 @@ use futures::future::BoxFuture;
 pub mod client;
 pub mod protocol;
 pub mod server;
+mod wire;
 
 /// Why a block operation failed. Mapped to NBD error numbers at the wire
 /// (see [`BlockError::nbd_errno`]).

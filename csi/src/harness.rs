@@ -1,0 +1,188 @@
+//! The seam between the CSI conformance / end-to-end suites and a running
+//! cluster. The suites only see [`ClusterUnderTest`]; [`ClusterJson`] reads
+//! the `cluster.json` that `volctl dev up` writes into its state directory:
+//!
+//! ```json
+//! {"volumed": [{"node_id": 1, "api": "127.0.0.1:7001", "nbd": "127.0.0.1:10809",
+//!               "pid": 123, "data_dir": "/tmp/x/n1"}],
+//!  "csi_controller": "unix:///tmp/x/controller.sock",
+//!  "csi_nodes": [{"node_id": "1", "endpoint": "unix:///tmp/x/node1.sock",
+//!                 "kubelet_dir": "/tmp/x/kubelet1"}]}
+//! ```
+//!
+//! `kubelet_dir` is the `--kubelet-dir` the node plugin was started with;
+//! staging and target paths of the suites are made under it.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::serve::Endpoint;
+
+/// Environment variable naming the state directory of a running cluster.
+pub const STATE_DIR_ENV: &str = "VOLUMED_CLUSTER_STATE";
+
+#[derive(Debug, Clone)]
+pub struct NodeUnderTest {
+    /// The CSI node id (volumed's node id as a string).
+    pub node_id: String,
+    pub endpoint: Endpoint,
+    pub kubelet_dir: PathBuf,
+}
+
+/// A running volumed cluster with its CSI plugins.
+pub trait ClusterUnderTest {
+    fn controller_endpoint(&self) -> Endpoint;
+    fn node_endpoints(&self) -> Vec<NodeUnderTest>;
+    /// volumed admin API addresses (host:port), for checks behind the CSI
+    /// layer.
+    fn volumed_api_endpoints(&self) -> Vec<String>;
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct VolumedProcess {
+    #[serde(deserialize_with = "string_or_number")]
+    pub node_id: String,
+    pub api: String,
+    #[serde(default)]
+    pub nbd: String,
+    #[serde(default)]
+    pub pid: u32,
+    #[serde(default)]
+    pub data_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct CsiNodeProcess {
+    #[serde(deserialize_with = "string_or_number")]
+    pub node_id: String,
+    pub endpoint: String,
+    #[serde(default)]
+    pub kubelet_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ClusterJson {
+    pub volumed: Vec<VolumedProcess>,
+    pub csi_controller: String,
+    pub csi_nodes: Vec<CsiNodeProcess>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HarnessError {
+    #[error("{path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("{0}")]
+    Endpoint(#[from] crate::serve::EndpointError),
+}
+
+impl ClusterJson {
+    pub fn load(state_dir: &Path) -> Result<ClusterJson, HarnessError> {
+        let path = state_dir.join("cluster.json");
+        let text = std::fs::read_to_string(&path).map_err(|source| HarnessError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        let c: ClusterJson =
+            serde_json::from_str(&text).map_err(|source| HarnessError::Parse { path, source })?;
+        // Fail early on endpoints the suites could not use.
+        c.csi_controller.parse::<Endpoint>()?;
+        for n in &c.csi_nodes {
+            n.endpoint.parse::<Endpoint>()?;
+        }
+        Ok(c)
+    }
+
+    /// The cluster named by `$VOLUMED_CLUSTER_STATE`, if set.
+    pub fn from_env() -> Option<Result<ClusterJson, HarnessError>> {
+        std::env::var_os(STATE_DIR_ENV).map(|d| ClusterJson::load(Path::new(&d)))
+    }
+}
+
+impl ClusterUnderTest for ClusterJson {
+    fn controller_endpoint(&self) -> Endpoint {
+        // Validated in load().
+        self.csi_controller
+            .parse()
+            .unwrap_or_else(|_| Endpoint::Unix(PathBuf::from("/nonexistent")))
+    }
+
+    fn node_endpoints(&self) -> Vec<NodeUnderTest> {
+        self.csi_nodes
+            .iter()
+            .map(|n| NodeUnderTest {
+                node_id: n.node_id.clone(),
+                endpoint: n
+                    .endpoint
+                    .parse()
+                    .unwrap_or_else(|_| Endpoint::Unix(PathBuf::from("/nonexistent"))),
+                kubelet_dir: n
+                    .kubelet_dir
+                    .clone()
+                    .unwrap_or_else(|| PathBuf::from("/var/lib/kubelet")),
+            })
+            .collect()
+    }
+
+    fn volumed_api_endpoints(&self) -> Vec<String> {
+        self.volumed.iter().map(|v| v.api.clone()).collect()
+    }
+}
+
+fn string_or_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Id {
+        S(String),
+        N(u64),
+    }
+    Ok(match Id::deserialize(d)? {
+        Id::S(s) => s,
+        Id::N(n) => n.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loads_cluster_json() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("cluster.json"),
+            r#"{"volumed":[{"node_id":1,"api":"127.0.0.1:7001","nbd":"127.0.0.1:10809","pid":5,"data_dir":"/d"}],
+                "csi_controller":"unix:///tmp/c.sock",
+                "csi_nodes":[{"node_id":"1","endpoint":"unix:///tmp/n1.sock","kubelet_dir":"/tmp/k1"},
+                             {"node_id":2,"endpoint":"unix:///tmp/n2.sock"}]}"#,
+        )
+        .unwrap();
+        let c = ClusterJson::load(dir.path()).unwrap();
+        assert_eq!(
+            c.controller_endpoint(),
+            Endpoint::Unix("/tmp/c.sock".into())
+        );
+        let nodes = c.node_endpoints();
+        assert_eq!(nodes[0].node_id, "1");
+        assert_eq!(nodes[0].kubelet_dir, PathBuf::from("/tmp/k1"));
+        assert_eq!(nodes[1].node_id, "2");
+        assert_eq!(nodes[1].kubelet_dir, PathBuf::from("/var/lib/kubelet"));
+        assert_eq!(c.volumed_api_endpoints(), vec!["127.0.0.1:7001"]);
+
+        std::fs::write(dir.path().join("cluster.json"), "{").unwrap();
+        assert!(matches!(
+            ClusterJson::load(dir.path()),
+            Err(HarnessError::Parse { .. })
+        ));
+    }
+}

@@ -1,0 +1,409 @@
+//! Shared driver of the cluster suites: CSI clients for the controller and
+//! every node of a [`ClusterUnderTest`], request builders, and a guard that
+//! unpublishes, unstages and deletes what a test created even when it
+//! fails.
+//!
+//! The suites need a running cluster: set `VOLUMED_CLUSTER_STATE` to the
+//! state directory `volctl dev up` wrote (`cluster.json`), then
+//! `cargo test -p volumed-csi --test <suite> -- --ignored --test-threads 1`.
+//! Node tests mount filesystems: run as root.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use tonic::transport::Channel;
+use tonic::{Code, Status};
+use volumed_csi::harness::{ClusterJson, ClusterUnderTest, NodeUnderTest, STATE_DIR_ENV};
+use volumed_csi::proto::controller_client::ControllerClient;
+use volumed_csi::proto::identity_client::IdentityClient;
+use volumed_csi::proto::node_client::NodeClient;
+use volumed_csi::proto::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
+use volumed_csi::proto::{self as csi, VolumeCapability};
+use volumed_csi::serve;
+
+pub use volumed_csi::access::Mode;
+
+pub const MIB: i64 = 1 << 20;
+pub const GIB: i64 = 1 << 30;
+
+pub fn cluster() -> ClusterJson {
+    for v in [
+        "http_proxy",
+        "https_proxy",
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "all_proxy",
+        "ALL_PROXY",
+    ] {
+        std::env::remove_var(v);
+    }
+    match ClusterJson::from_env() {
+        Some(Ok(c)) => c,
+        Some(Err(e)) => panic!("{STATE_DIR_ENV}: {e}"),
+        None => panic!(
+            "set {STATE_DIR_ENV} to the state directory of a running cluster (volctl dev up)"
+        ),
+    }
+}
+
+pub struct Node {
+    pub info: NodeUnderTest,
+    pub node: NodeClient<Channel>,
+    pub identity: IdentityClient<Channel>,
+}
+
+impl Node {
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.info.kubelet_dir.join(rel)
+    }
+
+    pub fn p(&self, rel: &str) -> String {
+        self.path(rel).to_string_lossy().into_owned()
+    }
+}
+
+#[derive(Default)]
+struct Created {
+    volumes: Vec<String>,
+    /// (node index, volume, path) of staged/published paths.
+    published: Vec<(usize, String, String)>,
+    staged: Vec<(usize, String, String)>,
+    attached: Vec<(String, String)>,
+}
+
+pub struct Csi {
+    pub ctrl: ControllerClient<Channel>,
+    pub identity: IdentityClient<Channel>,
+    pub nodes: Vec<Node>,
+    created: Arc<Mutex<Created>>,
+    prefix: String,
+}
+
+impl Csi {
+    pub fn connect(cluster: &dyn ClusterUnderTest) -> Csi {
+        let ch = serve::channel(&cluster.controller_endpoint());
+        let nodes = cluster
+            .node_endpoints()
+            .into_iter()
+            .map(|n| {
+                let ch = serve::channel(&n.endpoint);
+                Node {
+                    info: n,
+                    node: NodeClient::new(ch.clone()),
+                    identity: IdentityClient::new(ch),
+                }
+            })
+            .collect();
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        Csi {
+            ctrl: ControllerClient::new(ch.clone()),
+            identity: IdentityClient::new(ch),
+            nodes,
+            created: Arc::new(Mutex::new(Created::default())),
+            prefix: format!("csi-suite-{nanos:x}"),
+        }
+    }
+
+    /// A volume name unique to this run.
+    pub fn name(&self, what: &str) -> String {
+        format!("{}-{what}", self.prefix)
+    }
+
+    pub async fn create(
+        &self,
+        name: &str,
+        size: i64,
+        params: &[(&str, &str)],
+        caps: Vec<VolumeCapability>,
+    ) -> Result<csi::Volume, Status> {
+        let r = self
+            .ctrl
+            .clone()
+            .create_volume(create_req(name, Some((size, 0)), params, caps))
+            .await?
+            .into_inner();
+        let v = r
+            .volume
+            .ok_or_else(|| Status::internal("CreateVolume returned no volume"))?;
+        self.created
+            .lock()
+            .unwrap()
+            .volumes
+            .push(v.volume_id.clone());
+        Ok(v)
+    }
+
+    pub fn track(&self, volume_id: &str) {
+        self.created
+            .lock()
+            .unwrap()
+            .volumes
+            .push(volume_id.to_string());
+    }
+
+    pub async fn controller_publish(
+        &self,
+        volume_id: &str,
+        node: usize,
+        cap: VolumeCapability,
+        readonly: bool,
+    ) -> Result<HashMap<String, String>, Status> {
+        let r = self
+            .ctrl
+            .clone()
+            .controller_publish_volume(csi::ControllerPublishVolumeRequest {
+                volume_id: volume_id.into(),
+                node_id: self.nodes[node].info.node_id.clone(),
+                volume_capability: Some(cap),
+                readonly,
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        self.created
+            .lock()
+            .unwrap()
+            .attached
+            .push((volume_id.to_string(), self.nodes[node].info.node_id.clone()));
+        Ok(r.publish_context)
+    }
+
+    pub async fn controller_unpublish(&self, volume_id: &str, node: usize) -> Result<(), Status> {
+        self.ctrl
+            .clone()
+            .controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
+                volume_id: volume_id.into(),
+                node_id: self.nodes[node].info.node_id.clone(),
+                ..Default::default()
+            })
+            .await
+            .map(drop)
+    }
+
+    pub async fn stage(
+        &self,
+        node: usize,
+        vol: &csi::Volume,
+        staging: &str,
+        cap: VolumeCapability,
+        publish_context: HashMap<String, String>,
+    ) -> Result<(), Status> {
+        let n = &self.nodes[node];
+        self.created
+            .lock()
+            .unwrap()
+            .staged
+            .push((node, vol.volume_id.clone(), n.p(staging)));
+        n.node
+            .clone()
+            .node_stage_volume(csi::NodeStageVolumeRequest {
+                volume_id: vol.volume_id.clone(),
+                publish_context,
+                staging_target_path: n.p(staging),
+                volume_capability: Some(cap),
+                secrets: HashMap::new(),
+                volume_context: vol.volume_context.clone(),
+            })
+            .await
+            .map(drop)
+    }
+
+    pub async fn unstage(&self, node: usize, volume_id: &str, staging: &str) -> Result<(), Status> {
+        let n = &self.nodes[node];
+        n.node
+            .clone()
+            .node_unstage_volume(csi::NodeUnstageVolumeRequest {
+                volume_id: volume_id.into(),
+                staging_target_path: n.p(staging),
+            })
+            .await
+            .map(drop)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub async fn publish(
+        &self,
+        node: usize,
+        vol: &csi::Volume,
+        staging: &str,
+        target: &str,
+        cap: VolumeCapability,
+        readonly: bool,
+        publish_context: HashMap<String, String>,
+    ) -> Result<(), Status> {
+        let n = &self.nodes[node];
+        self.created
+            .lock()
+            .unwrap()
+            .published
+            .push((node, vol.volume_id.clone(), n.p(target)));
+        n.node
+            .clone()
+            .node_publish_volume(csi::NodePublishVolumeRequest {
+                volume_id: vol.volume_id.clone(),
+                publish_context,
+                staging_target_path: n.p(staging),
+                target_path: n.p(target),
+                volume_capability: Some(cap),
+                readonly,
+                secrets: HashMap::new(),
+                volume_context: vol.volume_context.clone(),
+            })
+            .await
+            .map(drop)
+    }
+
+    pub async fn unpublish(
+        &self,
+        node: usize,
+        volume_id: &str,
+        target: &str,
+    ) -> Result<(), Status> {
+        let n = &self.nodes[node];
+        n.node
+            .clone()
+            .node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
+                volume_id: volume_id.into(),
+                target_path: n.p(target),
+            })
+            .await
+            .map(drop)
+    }
+
+    pub async fn delete(&self, volume_id: &str) -> Result<(), Status> {
+        self.ctrl
+            .clone()
+            .delete_volume(csi::DeleteVolumeRequest {
+                volume_id: volume_id.into(),
+                ..Default::default()
+            })
+            .await
+            .map(drop)
+    }
+
+    async fn cleanup_async(
+        nodes: Vec<(NodeClient<Channel>, String)>,
+        mut ctrl: ControllerClient<Channel>,
+        created: Created,
+    ) {
+        for (i, vol, path) in created.published.iter().rev() {
+            let _ = nodes[*i]
+                .0
+                .clone()
+                .node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
+                    volume_id: vol.clone(),
+                    target_path: path.clone(),
+                })
+                .await;
+        }
+        for (i, vol, path) in created.staged.iter().rev() {
+            let _ = nodes[*i]
+                .0
+                .clone()
+                .node_unstage_volume(csi::NodeUnstageVolumeRequest {
+                    volume_id: vol.clone(),
+                    staging_target_path: path.clone(),
+                })
+                .await;
+        }
+        for (vol, node) in &created.attached {
+            let _ = ctrl
+                .controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
+                    volume_id: vol.clone(),
+                    node_id: node.clone(),
+                    ..Default::default()
+                })
+                .await;
+        }
+        for vol in &created.volumes {
+            let _ = ctrl
+                .delete_volume(csi::DeleteVolumeRequest {
+                    volume_id: vol.clone(),
+                    ..Default::default()
+                })
+                .await;
+        }
+    }
+}
+
+impl Drop for Csi {
+    /// Best-effort cleanup on a fresh runtime (Drop cannot await, and the
+    /// test's runtime may be the one unwinding).
+    fn drop(&mut self) {
+        let created = std::mem::take(&mut *self.created.lock().unwrap());
+        let nodes: Vec<_> = self
+            .nodes
+            .iter()
+            .map(|n| (n.node.clone(), n.info.node_id.clone()))
+            .collect();
+        let ctrl = self.ctrl.clone();
+        let _ = std::thread::spawn(move || {
+            if let Ok(rt) = tokio::runtime::Runtime::new() {
+                rt.block_on(Csi::cleanup_async(nodes, ctrl, created));
+            }
+        })
+        .join();
+    }
+}
+
+pub fn create_req(
+    name: &str,
+    range: Option<(i64, i64)>,
+    params: &[(&str, &str)],
+    caps: Vec<VolumeCapability>,
+) -> csi::CreateVolumeRequest {
+    csi::CreateVolumeRequest {
+        name: name.into(),
+        capacity_range: range.map(|(r, l)| csi::CapacityRange {
+            required_bytes: r,
+            limit_bytes: l,
+        }),
+        volume_capabilities: caps,
+        parameters: params
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        ..Default::default()
+    }
+}
+
+pub fn mount_cap(fs: &str, mode: Mode) -> VolumeCapability {
+    VolumeCapability {
+        access_type: Some(AccessType::Mount(MountVolume {
+            fs_type: fs.into(),
+            mount_flags: Vec::new(),
+            volume_mount_group: String::new(),
+        })),
+        access_mode: Some(AccessMode { mode: mode as i32 }),
+    }
+}
+
+pub fn ext4() -> VolumeCapability {
+    mount_cap("ext4", Mode::SingleNodeWriter)
+}
+
+pub fn block_cap(mode: Mode) -> VolumeCapability {
+    VolumeCapability {
+        access_type: Some(AccessType::Block(BlockVolume {})),
+        access_mode: Some(AccessMode { mode: mode as i32 }),
+    }
+}
+
+#[track_caller]
+pub fn code<T: std::fmt::Debug>(r: Result<T, Status>, c: Code) -> String {
+    match r {
+        Ok(v) => panic!("expected {c:?}, got Ok({v:?})"),
+        Err(s) => {
+            assert_eq!(s.code(), c, "{}", s.message());
+            s.message().to_string()
+        }
+    }
+}
+
+pub const MISSING_VOLUME: &str = "0b7f6c1e-3f2a-4c1d-9e8f-0000deadbeef";

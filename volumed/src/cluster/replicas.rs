@@ -1,0 +1,171 @@
+//! Keeps the replicas hosted here in line with the catalog.
+//!
+//! - A volume placed on this node gets a running replica. The first node of
+//!   a new volume's placement forms its group.
+//! - Where this node leads a volume group, it moves the group toward the
+//!   catalog: size (resize), fencing generation, membership (rebuilds).
+//! - A replica of a deleted volume is stopped and its data dropped. A
+//!   replica this node no longer holds in the catalog is dropped once the
+//!   group has committed a membership without it — before that it may still
+//!   count toward the group's quorum. A stale copy can never serve: it is
+//!   not a member, so it cannot lead.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::BasicNode;
+use tracing::{error, info, warn, Instrument};
+
+use super::node::NodeRuntime;
+use crate::catalog::state::VolumeRecord;
+use crate::storage::keys::GroupId;
+use crate::volume::command::VolumeCommand;
+use crate::volume::replica::VolumeReplica;
+
+pub async fn run(node: Arc<NodeRuntime>) {
+    let mut applied = node.catalog.applied_watch();
+    let mut shutdown = node.shutdown.subscribe();
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = applied.changed() => {}
+            _ = shutdown.changed() => return,
+        }
+        reconcile(&node).await;
+    }
+}
+
+async fn reconcile(node: &Arc<NodeRuntime>) {
+    let me = node.node_id();
+    let volumes: Vec<VolumeRecord> = node.catalog.read(|s| s.volumes.values().cloned().collect());
+    let known: HashSet<GroupId> = volumes.iter().map(|v| GroupId(v.id)).collect();
+    let addr_of = |id| node.catalog.read(|s| s.nodes.get(&id).map(|n| n.api_addr.clone()));
+
+    for v in volumes.iter().filter(|v| v.placement.contains(&me)) {
+        let group = GroupId(v.id);
+        let replica = match node.replica(group) {
+            Some(r) => r,
+            None => match start_replica(node, group).await {
+                Some(r) => {
+                    let fresh = r.applied_index() == 0 && r.members().is_empty();
+                    // Only a brand-new volume's group is formed here; a fresh replica
+                    // of an existing volume waits for its leader instead.
+                    let young = crate::catalog::service::now_ms() - v.created_at_ms < 120_000;
+                    if fresh && young && v.placement.first() == Some(&me) && v.rebuilds.is_empty() {
+                        let members: BTreeMap<_, _> = v
+                            .placement
+                            .iter()
+                            .map(|n| (*n, BasicNode::new(addr_of(*n).unwrap_or_default())))
+                            .collect();
+                        info!(volume = %group, ?members, "forming volume group");
+                        if let Err(e) = r.initialize(members).await {
+                            warn!(volume = %group, error = %e, "cannot form volume group yet");
+                        }
+                    }
+                    r
+                }
+                None => continue,
+            },
+        };
+        if replica.is_leader() {
+            lead(node, &replica, v).await;
+        }
+    }
+
+    // Replicas that should not be here any more.
+    for replica in node.local_replicas() {
+        let group = replica.id;
+        let placed_here = volumes.iter().any(|v| v.id == group.0 && v.placement.contains(&me));
+        if placed_here {
+            continue;
+        }
+        let deleted = !known.contains(&group);
+        let removed_from_group = !replica.members().contains(&me) && replica.applied_index() > 0;
+        if deleted || removed_from_group || group_dropped_us(node, &replica).await {
+            drop_replica(node, group, if deleted { "volume deleted" } else { "replica moved to another node" }).await;
+        }
+    }
+}
+
+async fn start_replica(node: &Arc<NodeRuntime>, group: GroupId) -> Option<Arc<VolumeReplica>> {
+    let span = tracing::info_span!("replica", volume = %group);
+    match VolumeReplica::start(&node.replica_ctx, group).instrument(span).await {
+        Ok(r) => {
+            if let Ok(mut m) = node.replicas.write() {
+                m.insert(group, r.clone());
+            }
+            info!(volume = %group, "replica started");
+            node.report_now.notify_one();
+            Some(r)
+        }
+        Err(e) => {
+            error!(volume = %group, error = %e, "cannot start replica");
+            None
+        }
+    }
+}
+
+/// Leader duties: bring the group in line with the catalog record.
+async fn lead(node: &Arc<NodeRuntime>, replica: &Arc<VolumeReplica>, v: &VolumeRecord) {
+    if replica.size() < v.size_bytes {
+        info!(volume = %replica.id, from = replica.size(), to = v.size_bytes, "resizing");
+        if let Err(e) = replica.write_command(VolumeCommand::Resize { size_bytes: v.size_bytes }).await {
+            warn!(volume = %replica.id, error = %e, "resize");
+        }
+        node.report_now.notify_one();
+    }
+    let want_fence = (v.fence_floor, v.exclusive());
+    if replica.fence() != want_fence {
+        info!(volume = %replica.id, floor = want_fence.0, exclusive = want_fence.1, "updating fence");
+        if let Err(e) = replica
+            .write_command(VolumeCommand::SetFence { floor: want_fence.0, exclusive: want_fence.1 })
+            .await
+        {
+            warn!(volume = %replica.id, error = %e, "fence");
+        }
+        node.report_now.notify_one();
+    }
+    let desired: BTreeMap<_, _> = v
+        .placement
+        .iter()
+        .filter_map(|n| node.catalog.read(|s| s.nodes.get(n).map(|r| (*n, BasicNode::new(&r.api_addr)))))
+        .collect();
+    replica.converge_membership(&desired).await;
+}
+
+/// Asks the other members whether the group still counts this node.
+async fn group_dropped_us(node: &Arc<NodeRuntime>, replica: &Arc<VolumeReplica>) -> bool {
+    let me = node.node_id();
+    let placement: Vec<_> =
+        node.catalog.read(|s| s.volumes.get(&replica.id.0).map(|v| v.placement.clone()).unwrap_or_default());
+    for peer in placement.into_iter().filter(|p| *p != me) {
+        if let Some(report) = super::control::remote_status(node, peer, replica.id).await {
+            if report.role == Some(crate::volume::replica::ReportedRole::Leader) {
+                return !report.voters.contains(&me) && !report.learners.contains(&me);
+            }
+        }
+    }
+    false
+}
+
+async fn drop_replica(node: &Arc<NodeRuntime>, group: GroupId, why: &str) {
+    let replica = node.replicas.write().ok().and_then(|mut m| m.remove(&group));
+    if let Some(r) = replica {
+        r.shutdown().await;
+    }
+    match node.store.delete_group(group) {
+        Ok(()) => info!(volume = %group, reason = why, "replica dropped and its data deleted"),
+        Err(e) => error!(volume = %group, error = %e, "could not delete replica data"),
+    }
+    node.report_now.notify_one();
+}
+
+/// Wipes a replica whose Raft stopped on an unrecoverable error so it is
+/// rebuilt from the leader (called by the heartbeat loop when it sees one).
+pub async fn rebuild_failed(node: &Arc<NodeRuntime>, group: GroupId, why: &str) {
+    warn!(volume = %group, reason = why, "replica failed; wiping it to rebuild from the leader");
+    drop_replica(node, group, why).await;
+}

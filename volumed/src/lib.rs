@@ -1,0 +1,19 @@
+//! volumed: the Volumed storage daemon and its admin CLI.
+//!
+//! The folders tell the architecture (see docs/architecture.md):
+//! - [`storage`]: the node's single RocksDB and the key codec;
+//! - [`raft`]: openraft plumbing shared by all groups (network, timing);
+//! - [`catalog`]: the cluster-wide catalog group;
+//! - [`volume`]: per-volume Raft groups and block storage;
+//! - [`cluster`]: what one running node does (bootstrap, heartbeats,
+//!   replica management, NBD exports);
+//! - [`api`]: the gRPC edges;
+//! - [`cli`]: `volctl`.
+
+pub mod api;
+pub mod catalog;
+pub mod cluster;
+pub mod config;
+pub mod raft;
+pub mod storage;
+pub mod volume;

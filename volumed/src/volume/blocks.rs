@@ -1,0 +1,525 @@
+//! Block data of one volume replica in RocksDB: versioned, checksummed,
+//! thin.
+//!
+//! Every block write creates the key `group ‖ block ‖ !version`, where
+//! `version` is the Raft log index of the command. The newest version is
+//! what the volume reads; "the newest version at or below S" is what a
+//! snapshot taken at index S reads — so taking a snapshot copies nothing.
+//! An older version is kept only while a *pin* needs it: a pin is an index
+//! S (a user snapshot, the Raft snapshot being served to a new replica)
+//! and version `v` with next-newer version `n` is needed iff some pin lies
+//! in `[v, n)`. The chain of a block is re-examined every time the block is
+//! written, so garbage is collected on the write path with no background
+//! scan; [`BlockStore::sweep`] cleans up after a pin is released.
+//!
+//! A value is `crc32 ‖ 4096 bytes`, or empty for an explicit zero block
+//! (needed only when an older, pinned version must be hidden). An absent
+//! block reads as zeros.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+
+use rocksdb::{Direction, IteratorMode, ReadOptions, WriteBatch};
+
+use super::command::BLOCK_SIZE;
+use crate::storage::keys::{self, GroupId, CF_BLOCKS};
+use crate::storage::{Store, StoreError};
+
+pub const BS: usize = BLOCK_SIZE as usize;
+
+/// Stored form of one block version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stored {
+    Zero,
+    Data(Vec<u8>),
+}
+
+impl Stored {
+    pub fn is_zero(&self) -> bool {
+        matches!(self, Stored::Zero)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BlockReadError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The stored checksum does not match: the caller repairs it.
+    #[error("checksum mismatch in block {block} version {version}")]
+    Checksum { block: u64, version: u64 },
+}
+
+pub fn encode_value(data: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(4 + data.len());
+    v.extend_from_slice(&crc32fast::hash(data).to_le_bytes());
+    v.extend_from_slice(data);
+    v
+}
+
+/// Decodes and verifies a stored value.
+pub fn decode_value(raw: &[u8]) -> Option<Stored> {
+    if raw.is_empty() {
+        return Some(Stored::Zero);
+    }
+    if raw.len() != 4 + BS {
+        return None;
+    }
+    let (crc, data) = raw.split_at(4);
+    let crc = u32::from_le_bytes(crc.try_into().ok()?);
+    (crc32fast::hash(data) == crc).then(|| Stored::Data(data.to_vec()))
+}
+
+pub fn all_zero(data: &[u8]) -> bool {
+    // Word-at-a-time; this runs on every written block.
+    let mut words = data.chunks_exact(8);
+    words.all(|w| u64::from_ne_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]) == 0)
+        && words.remainder().iter().all(|b| *b == 0)
+}
+
+/// Sorted set of pinned indexes.
+pub type Pins = BTreeSet<u64>;
+
+fn pinned(pins: &Pins, version: u64, newer: u64) -> bool {
+    pins.range(version..newer).next().is_some()
+}
+
+/// Access to one volume's blocks.
+#[derive(Clone)]
+pub struct BlockStore {
+    store: Arc<Store>,
+    group: GroupId,
+}
+
+impl BlockStore {
+    pub fn new(store: Arc<Store>, group: GroupId) -> Self {
+        BlockStore { store, group }
+    }
+
+    pub fn group(&self) -> GroupId {
+        self.group
+    }
+
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    fn prefix_read_opts(&self, block: u64) -> ReadOptions {
+        let mut ro = ReadOptions::default();
+        ro.set_prefix_same_as_start(true);
+        ro.set_iterate_upper_bound(keys::block_prefix(self.group, block + 1));
+        ro
+    }
+
+    /// Versions of `block`, newest first, with whether each is a zero marker.
+    pub fn versions(&self, block: u64) -> Result<Vec<(u64, bool)>, StoreError> {
+        let cf = self.store.cf(CF_BLOCKS)?;
+        let start = keys::block_prefix(self.group, block);
+        let it = self.store.db().iterator_cf_opt(&cf, self.prefix_read_opts(block), IteratorMode::From(&start, Direction::Forward));
+        let mut out = Vec::new();
+        for item in it {
+            let (k, v) = item?;
+            match keys::parse_block_key(&k) {
+                Some((g, b, version)) if g == self.group && b == block => out.push((version, v.is_empty())),
+                _ => break,
+            }
+        }
+        Ok(out)
+    }
+
+    /// The newest version of `block` at or below `at` (u64::MAX = current).
+    pub fn read_at(&self, block: u64, at: u64) -> Result<Option<(u64, Stored)>, BlockReadError> {
+        let cf = self.store.cf(CF_BLOCKS)?;
+        let start = keys::block_key(self.group, block, at);
+        let mut it =
+            self.store.db().iterator_cf_opt(&cf, self.prefix_read_opts(block), IteratorMode::From(&start, Direction::Forward));
+        match it.next() {
+            None => Ok(None),
+            Some(Err(e)) => Err(BlockReadError::Store(e.into())),
+            Some(Ok((k, v))) => match keys::parse_block_key(&k) {
+                Some((g, b, version)) if g == self.group && b == block => match decode_value(&v) {
+                    Some(s) => Ok(Some((version, s))),
+                    None => Err(BlockReadError::Checksum { block, version }),
+                },
+                _ => Ok(None),
+            },
+        }
+    }
+
+    /// The exact stored version, verified (for repairs of other replicas).
+    pub fn read_exact(&self, block: u64, version: u64) -> Result<Option<Stored>, BlockReadError> {
+        let cf = self.store.cf(CF_BLOCKS)?;
+        match self.store.db().get_cf(&cf, keys::block_key(self.group, block, version)).map_err(StoreError::from)? {
+            None => Ok(None),
+            Some(raw) => decode_value(&raw).map(Some).ok_or(BlockReadError::Checksum { block, version }),
+        }
+    }
+
+    /// Overwrites one stored version with known-good content (repair).
+    pub fn repair(&self, block: u64, version: u64, content: &Stored) -> Result<(), StoreError> {
+        let cf = self.store.cf(CF_BLOCKS)?;
+        let mut batch = WriteBatch::default();
+        let value = match content {
+            Stored::Zero => Vec::new(),
+            Stored::Data(d) => encode_value(d),
+        };
+        batch.put_cf(&cf, keys::block_key(self.group, block, version), value);
+        self.store.write(batch)
+    }
+
+    /// Current content of blocks `first..first+count` in one pass: `Ok(None)`
+    /// for absent blocks; checksum failures are reported per block so the
+    /// caller can repair just those.
+    #[allow(clippy::type_complexity)]
+    pub fn read_range(&self, first: u64, count: u64) -> Result<Vec<Result<Option<(u64, Stored)>, u64>>, StoreError> {
+        let cf = self.store.cf(CF_BLOCKS)?;
+        let (start, end) = keys::block_range(self.group, first, first + count);
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_upper_bound(end);
+        ro.set_total_order_seek(true);
+        let it = self.store.db().iterator_cf_opt(&cf, ro, IteratorMode::From(&start, Direction::Forward));
+        let mut out: Vec<Result<Option<(u64, Stored)>, u64>> = (0..count).map(|_| Ok(None)).collect();
+        let mut last_block = None;
+        for item in it {
+            let (k, v) = item?;
+            let Some((g, b, version)) = keys::parse_block_key(&k) else { break };
+            if g != self.group || b >= first + count {
+                break;
+            }
+            if last_block == Some(b) {
+                continue; // an older version of a block already read
+            }
+            last_block = Some(b);
+            let slot = (b - first) as usize;
+            out[slot] = match decode_value(&v) {
+                Some(s) => Ok(Some((version, s))),
+                None => Err(version),
+            };
+        }
+        Ok(out)
+    }
+
+    /// Blocks in `first..end` that have at least one stored version.
+    pub fn present_blocks(&self, first: u64, end: u64) -> Result<Vec<u64>, StoreError> {
+        let cf = self.store.cf(CF_BLOCKS)?;
+        let (start, stop) = keys::block_range(self.group, first, end);
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_upper_bound(stop);
+        ro.set_total_order_seek(true);
+        let it = self.store.db().iterator_cf_opt(&cf, ro, IteratorMode::From(&start, Direction::Forward));
+        let mut out: Vec<u64> = Vec::new();
+        for item in it {
+            let (k, _) = item?;
+            let Some((g, b, _)) = keys::parse_block_key(&k) else { break };
+            if g != self.group {
+                break;
+            }
+            if out.last() != Some(&b) {
+                out.push(b);
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl BlockStore {
+    /// Verifies every stored version of the volume; returns how many were
+    /// checked and which failed.
+    pub fn scan_checksums(&self) -> Result<(u64, Vec<(u64, u64)>), StoreError> {
+        let cf = self.store.cf(CF_BLOCKS)?;
+        let (start, end) = keys::group_range(self.group);
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_upper_bound(end);
+        ro.set_total_order_seek(true);
+        // Read from disk, not from a cache that might hide media errors.
+        ro.fill_cache(false);
+        let it = self.store.db().iterator_cf_opt(&cf, ro, IteratorMode::From(&start, Direction::Forward));
+        let (mut checked, mut bad) = (0u64, Vec::new());
+        for item in it {
+            let (k, v) = item?;
+            let Some((g, block, version)) = keys::parse_block_key(&k) else { break };
+            if g != self.group {
+                break;
+            }
+            checked += 1;
+            if decode_value(&v).is_none() {
+                bad.push((block, version));
+            }
+        }
+        Ok((checked, bad))
+    }
+}
+
+/// Writes of one log entry, staged in a `WriteBatch` with an overlay so
+/// later ops of the same entry see earlier ones.
+pub struct EntryWriter<'a> {
+    blocks: &'a BlockStore,
+    version: u64,
+    pins: &'a Pins,
+    batch: WriteBatch,
+    /// Content written by this entry so far.
+    overlay: HashMap<u64, Stored>,
+    /// Change in the number of blocks whose current content is non-zero.
+    pub live_delta: i64,
+}
+
+/// What a partial write needs but could not read: the block's current
+/// version is corrupt locally. The caller repairs it and retries the entry.
+#[derive(Debug, thiserror::Error)]
+#[error("block {block} version {version} failed its checksum")]
+pub struct NeedsRepair {
+    pub block: u64,
+    pub version: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    NeedsRepair(#[from] NeedsRepair),
+}
+
+impl<'a> EntryWriter<'a> {
+    pub fn new(blocks: &'a BlockStore, version: u64, pins: &'a Pins) -> Self {
+        EntryWriter { blocks, version, pins, batch: WriteBatch::default(), overlay: HashMap::new(), live_delta: 0 }
+    }
+
+    pub fn into_batch(self) -> WriteBatch {
+        self.batch
+    }
+
+    pub fn batch_mut(&mut self) -> &mut WriteBatch {
+        &mut self.batch
+    }
+
+    /// Current content of a block as seen by this entry.
+    fn current(&self, block: u64) -> Result<Stored, ApplyError> {
+        if let Some(s) = self.overlay.get(&block) {
+            return Ok(s.clone());
+        }
+        match self.blocks.read_at(block, u64::MAX) {
+            Ok(None) => Ok(Stored::Zero),
+            Ok(Some((_, s))) => Ok(s),
+            Err(BlockReadError::Store(e)) => Err(e.into()),
+            Err(BlockReadError::Checksum { block, version }) => Err(NeedsRepair { block, version }.into()),
+        }
+    }
+
+    /// Sets the content of `block` at this entry's version and collects the
+    /// versions no pin needs any more.
+    pub fn put_block(&mut self, block: u64, content: Stored) -> Result<(), ApplyError> {
+        let cf = self.blocks.store.cf(CF_BLOCKS)?;
+        let group = self.blocks.group;
+        let new_zero = content.is_zero();
+        let stored = self.blocks.versions(block)?;
+        let was_zero = match self.overlay.get(&block) {
+            Some(s) => s.is_zero(),
+            None => stored.first().is_none_or(|(_, zero)| *zero),
+        };
+        // The chain after this write: this version, then older stored ones.
+        let older: Vec<(u64, bool)> = stored.into_iter().filter(|(v, _)| *v < self.version).collect();
+        let mut newer = self.version;
+        let mut kept_older = false;
+        for (v, _) in &older {
+            if pinned(self.pins, *v, newer) {
+                kept_older = true;
+            } else {
+                self.batch.delete_cf(&cf, keys::block_key(group, block, *v));
+            }
+            newer = *v;
+        }
+        let key = keys::block_key(group, block, self.version);
+        match &content {
+            Stored::Data(d) => self.batch.put_cf(&cf, key, encode_value(d)),
+            // A zero marker is needed only to hide an older, pinned version.
+            Stored::Zero if kept_older => self.batch.put_cf(&cf, key, Vec::new()),
+            Stored::Zero => self.batch.delete_cf(&cf, key),
+        }
+        self.live_delta += match (was_zero, new_zero) {
+            (true, false) => 1,
+            (false, true) => -1,
+            _ => 0,
+        };
+        self.overlay.insert(block, content);
+        Ok(())
+    }
+
+    /// Writes `data` at byte `offset`, merging partial blocks.
+    pub fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), ApplyError> {
+        let mut pos = 0usize;
+        while pos < data.len() {
+            let abs = offset + pos as u64;
+            let block = abs / BLOCK_SIZE;
+            let in_block = (abs % BLOCK_SIZE) as usize;
+            let n = (BS - in_block).min(data.len() - pos);
+            let chunk = &data[pos..pos + n];
+            let content = if n == BS {
+                if all_zero(chunk) {
+                    Stored::Zero
+                } else {
+                    Stored::Data(chunk.to_vec())
+                }
+            } else {
+                let mut buf = match self.current(block)? {
+                    Stored::Zero => vec![0u8; BS],
+                    Stored::Data(d) => d,
+                };
+                buf[in_block..in_block + n].copy_from_slice(chunk);
+                if all_zero(&buf) {
+                    Stored::Zero
+                } else {
+                    Stored::Data(buf)
+                }
+            };
+            self.put_block(block, content)?;
+            pos += n;
+        }
+        Ok(())
+    }
+
+    /// Zeroes `len` bytes at `offset`: whole blocks are dropped, partial
+    /// edge blocks are merged.
+    pub fn zero(&mut self, offset: u64, len: u64) -> Result<(), ApplyError> {
+        if len == 0 {
+            return Ok(());
+        }
+        let end = offset + len;
+        let first_full = offset.div_ceil(BLOCK_SIZE);
+        let end_full = end / BLOCK_SIZE;
+        if first_full >= end_full {
+            // Within one or two partial blocks: write zeros byte-wise.
+            return self.write_zero_bytes(offset, end);
+        }
+        if offset < first_full * BLOCK_SIZE {
+            self.write_zero_bytes(offset, first_full * BLOCK_SIZE)?;
+        }
+        // Only blocks that exist need work: a trim of a mostly empty 1 TiB
+        // device must not visit every block.
+        let mut present = self.blocks.present_blocks(first_full, end_full)?;
+        present.extend(self.overlay.keys().copied().filter(|b| *b >= first_full && *b < end_full));
+        present.sort_unstable();
+        present.dedup();
+        for b in present {
+            self.put_block(b, Stored::Zero)?;
+        }
+        if end > end_full * BLOCK_SIZE {
+            self.write_zero_bytes(end_full * BLOCK_SIZE, end)?;
+        }
+        Ok(())
+    }
+
+    fn write_zero_bytes(&mut self, from: u64, to: u64) -> Result<(), ApplyError> {
+        let zeros = vec![0u8; (to - from) as usize];
+        self.write(from, &zeros)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn setup() -> (tempfile::TempDir, BlockStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let bs = BlockStore::new(store, GroupId(uuid::Uuid::new_v4()));
+        (dir, bs)
+    }
+
+    fn apply(bs: &BlockStore, version: u64, pins: &Pins, f: impl FnOnce(&mut EntryWriter) -> Result<(), ApplyError>) -> i64 {
+        let mut w = EntryWriter::new(bs, version, pins);
+        f(&mut w).unwrap();
+        let delta = w.live_delta;
+        bs.store().write(w.into_batch()).unwrap();
+        delta
+    }
+
+    fn read(bs: &BlockStore, block: u64, at: u64) -> Vec<u8> {
+        match bs.read_at(block, at).unwrap() {
+            None | Some((_, Stored::Zero)) => vec![0; BS],
+            Some((_, Stored::Data(d))) => d,
+        }
+    }
+
+    #[test]
+    fn unwritten_reads_zero_and_partial_writes_merge() {
+        let (_d, bs) = setup();
+        let pins = Pins::new();
+        assert_eq!(read(&bs, 3, u64::MAX), vec![0; BS]);
+        apply(&bs, 1, &pins, |w| w.write(3 * 4096 + 100, b"hello"));
+        apply(&bs, 2, &pins, |w| w.write(3 * 4096 + 102, b"LLO!"));
+        let got = read(&bs, 3, u64::MAX);
+        assert_eq!(&got[100..106], b"heLLO!");
+        assert!(got[..100].iter().all(|b| *b == 0));
+        // Without pins only the newest version is kept.
+        assert_eq!(bs.versions(3).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn pinned_versions_survive_overwrite_and_are_collected_after() {
+        let (_d, bs) = setup();
+        let none = Pins::new();
+        apply(&bs, 10, &none, |w| w.write(0, &[1u8; BS]));
+        let pins: Pins = [15].into();
+        apply(&bs, 20, &pins, |w| w.write(0, &[2u8; BS]));
+        assert_eq!(read(&bs, 0, 15), vec![1u8; BS], "snapshot at 15 sees version 10");
+        assert_eq!(read(&bs, 0, u64::MAX), vec![2u8; BS]);
+        // Trim hides the data but keeps the pinned version.
+        apply(&bs, 30, &pins, |w| w.zero(0, 4096));
+        assert_eq!(read(&bs, 0, u64::MAX), vec![0u8; BS]);
+        assert_eq!(read(&bs, 0, 15), vec![1u8; BS]);
+        // Pin released: the next write collects everything older.
+        apply(&bs, 40, &none, |w| w.write(0, &[3u8; BS]));
+        assert_eq!(bs.versions(0).unwrap(), vec![(40, false)]);
+    }
+
+    #[test]
+    fn zero_range_only_touches_present_blocks_and_edges() {
+        let (_d, bs) = setup();
+        let pins = Pins::new();
+        let delta = apply(&bs, 1, &pins, |w| {
+            w.write(0, &[7u8; 3 * BS])?;
+            w.write(1000 * 4096, &[9u8; BS])
+        });
+        assert_eq!(delta, 4);
+        // Zero from the middle of block 0 to the middle of block 1000.
+        let delta = apply(&bs, 2, &pins, |w| w.zero(2048, 1000 * 4096 + 100 - 2048));
+        let b0 = read(&bs, 0, u64::MAX);
+        assert!(b0[..2048].iter().all(|b| *b == 7) && b0[2048..].iter().all(|b| *b == 0));
+        assert_eq!(read(&bs, 1, u64::MAX), vec![0; BS]);
+        let b1000 = read(&bs, 1000, u64::MAX);
+        assert!(b1000[..100].iter().all(|b| *b == 0) && b1000[100..].iter().all(|b| *b == 9));
+        assert_eq!(delta, -2, "blocks 1 and 2 became empty");
+        assert!(bs.versions(1).unwrap().is_empty(), "no marker needed without pins");
+    }
+
+    #[test]
+    fn checksum_mismatch_is_detected_not_returned() {
+        let (_d, bs) = setup();
+        let pins = Pins::new();
+        apply(&bs, 5, &pins, |w| w.write(0, &[4u8; BS]));
+        let cf = bs.store().cf(CF_BLOCKS).unwrap();
+        let key = keys::block_key(bs.group(), 0, 5);
+        let mut raw = bs.store().db().get_cf(&cf, &key).unwrap().unwrap();
+        raw[100] ^= 0xff;
+        bs.store().db().put_cf(&cf, &key, &raw).unwrap();
+        assert!(matches!(bs.read_at(0, u64::MAX), Err(BlockReadError::Checksum { block: 0, version: 5 })));
+        assert_eq!(bs.read_range(0, 2).unwrap()[0], Err(5));
+        // A partial write over the corrupt block asks for a repair.
+        let mut w = EntryWriter::new(&bs, 6, &pins);
+        assert!(matches!(w.write(10, b"x"), Err(ApplyError::NeedsRepair(NeedsRepair { block: 0, version: 5 }))));
+        bs.repair(0, 5, &Stored::Data(vec![4u8; BS])).unwrap();
+        assert_eq!(read(&bs, 0, u64::MAX), vec![4u8; BS]);
+    }
+
+    #[test]
+    fn read_range_returns_newest_versions() {
+        let (_d, bs) = setup();
+        let pins: Pins = [1].into();
+        apply(&bs, 1, &pins, |w| w.write(0, &[1u8; 2 * BS]));
+        apply(&bs, 2, &pins, |w| w.write(4096, &[2u8; BS]));
+        let r = bs.read_range(0, 3).unwrap();
+        assert_eq!(r[0], Ok(Some((1, Stored::Data(vec![1u8; BS])))));
+        assert_eq!(r[1], Ok(Some((2, Stored::Data(vec![2u8; BS])))));
+        assert_eq!(r[2], Ok(None));
+    }
+}

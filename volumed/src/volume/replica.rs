@@ -1,0 +1,586 @@
+//! One volume replica hosted on this node: its Raft instance and the I/O
+//! paths the NBD server calls when this replica leads.
+//!
+//! Writes are batched: concurrent requests queue in a proposer that packs
+//! them into one log entry (up to 1 MiB), with a few entries in flight at
+//! once, so a queue depth of 32 costs a handful of Raft round trips rather
+//! than 32. Reads are served from the leader's state machine under a leader
+//! lease (see `raft::VOLUME_READ_LEASE`), falling back to a Raft read-index
+//! round when the lease cannot be confirmed.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures::future::BoxFuture;
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{BasicNode, ChangeMembers, Raft, ServerState};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use tracing::{debug, info, warn, Instrument};
+use volumed_nbd::BlockError;
+use volumed_proto::volumed::v1::FetchBlockRequest;
+
+use super::blocks::{decode_value, encode_value, BlockReadError, BlockStore, Stored, BS};
+use super::command::{IoKind, IoOp, OpResult, VolumeCommand, VolumeTc, BLOCK_SIZE, MAX_ENTRY_BYTES};
+use super::snapshot::{TransferProgress, VolumeSnapshotSource};
+use super::state_machine::{lock, BlockFetcher, ReplicaCounters, SmShared, VolumeStateMachine};
+use crate::raft::network::{GroupNetworkFactory, PeerPool};
+use crate::raft::{role_of, volume_config, Role, VOLUME_READ_LEASE};
+use crate::storage::keys::GroupId;
+use crate::storage::log_store::{LogStore, NodeId};
+use crate::storage::Store;
+
+/// Largest NBD request we accept (the NBD server enforces the same).
+pub const MAX_IO: u32 = 32 << 20;
+
+/// Proposals in flight per replica. More lets the proposer keep the Raft
+/// pipeline full; fewer makes each entry carry more requests.
+const MAX_PROPOSALS_IN_FLIGHT: usize = 8;
+const MAX_OPS_PER_ENTRY: usize = 256;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicaError {
+    #[error("volume {volume}: storage: {detail}")]
+    Storage { volume: GroupId, detail: String },
+    #[error("volume {volume}: raft: {detail}")]
+    Raft { volume: GroupId, detail: String },
+}
+
+/// Everything a replica needs from its node.
+#[derive(Clone)]
+pub struct ReplicaContext {
+    pub node_id: NodeId,
+    pub store: Arc<Store>,
+    pub pool: Arc<PeerPool>,
+    pub snap_dir: PathBuf,
+}
+
+/// A status line of this replica, sent with heartbeats to the catalog
+/// leader (which answers `GetVolume` from it).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ReplicaReport {
+    pub volume: uuid::Uuid,
+    pub role: Option<ReportedRole>,
+    pub term: u64,
+    pub leader: Option<NodeId>,
+    pub applied_index: u64,
+    pub last_log_index: u64,
+    pub size_bytes: u64,
+    pub fence_floor: u64,
+    pub exclusive: bool,
+    pub live_blocks: u64,
+    pub voters: Vec<NodeId>,
+    pub learners: Vec<NodeId>,
+    /// Leader only: matched log index per member.
+    pub matched: BTreeMap<NodeId, u64>,
+    /// Leader only: snapshot transfers in progress (node, bytes done, total).
+    pub transfers: Vec<(NodeId, u64, u64)>,
+    pub crc_repairs: u64,
+    pub crc_unrepairable: u64,
+    /// Set when the replica's Raft stopped on an error.
+    pub fatal: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub enum ReportedRole {
+    Leader,
+    Follower,
+    Learner,
+    Candidate,
+    Shutdown,
+}
+
+impl From<Role> for ReportedRole {
+    fn from(r: Role) -> Self {
+        match r {
+            Role::Leader => ReportedRole::Leader,
+            Role::Follower => ReportedRole::Follower,
+            Role::Learner => ReportedRole::Learner,
+            Role::Candidate => ReportedRole::Candidate,
+            Role::Shutdown => ReportedRole::Shutdown,
+        }
+    }
+}
+
+struct Proposal {
+    op: IoOp,
+    done: oneshot::Sender<Result<OpResult, BlockError>>,
+}
+
+pub struct VolumeReplica {
+    pub id: GroupId,
+    pub node_id: NodeId,
+    pub raft: Raft<VolumeTc>,
+    shared: Arc<Mutex<SmShared>>,
+    size: Arc<AtomicU64>,
+    blocks: BlockStore,
+    pub counters: Arc<ReplicaCounters>,
+    pub progress: Arc<TransferProgress>,
+    proposals: mpsc::Sender<Proposal>,
+    pool: Arc<PeerPool>,
+    pub snap_dir: PathBuf,
+}
+
+/// Fetches block copies from the other members of the group.
+struct PeerFetcher {
+    group: GroupId,
+    node_id: NodeId,
+    pool: Arc<PeerPool>,
+    shared: Arc<Mutex<Option<Arc<Mutex<SmShared>>>>>,
+}
+
+impl BlockFetcher for PeerFetcher {
+    fn fetch(&self, block: u64, version: u64) -> BoxFuture<'static, Result<Stored, String>> {
+        let members: Vec<NodeId> = match self.shared.lock().ok().and_then(|g| g.clone()) {
+            Some(s) => lock(&s).members(),
+            None => Vec::new(),
+        };
+        let group = self.group;
+        let me = self.node_id;
+        let pool = self.pool.clone();
+        Box::pin(async move { fetch_from_peers(&pool, group, me, &members, block, version).await })
+    }
+}
+
+pub async fn fetch_from_peers(
+    pool: &PeerPool,
+    group: GroupId,
+    me: NodeId,
+    members: &[NodeId],
+    block: u64,
+    version: u64,
+) -> Result<Stored, String> {
+    let mut errors = Vec::new();
+    for &peer in members.iter().filter(|n| **n != me) {
+        let mut client = match pool.client(peer, None) {
+            Ok(c) => c,
+            Err(e) => {
+                errors.push(e.to_string());
+                continue;
+            }
+        };
+        let mut req = tonic::Request::new(FetchBlockRequest {
+            group_id: Bytes::copy_from_slice(group.as_bytes()),
+            block,
+            version,
+        });
+        req.set_timeout(Duration::from_secs(5));
+        match client.fetch_block(req).await {
+            Ok(r) => {
+                let r = r.into_inner();
+                if !r.found {
+                    errors.push(format!("node {peer}: no good copy"));
+                    continue;
+                }
+                match decode_value(&r.data) {
+                    Some(s) => return Ok(s),
+                    None => errors.push(format!("node {peer}: copy failed its checksum in transit")),
+                }
+            }
+            Err(e) => errors.push(format!("node {peer}: {e}")),
+        }
+    }
+    Err(if errors.is_empty() { "no other replica".to_string() } else { errors.join("; ") })
+}
+
+fn unavailable(e: impl std::fmt::Display) -> BlockError {
+    BlockError::Unavailable(e.to_string())
+}
+
+impl VolumeReplica {
+    /// Opens the replica's storage and starts its Raft instance. A fresh
+    /// replica starts empty and waits to be initialised or to receive a
+    /// snapshot from the group's leader.
+    pub async fn start(ctx: &ReplicaContext, id: GroupId) -> Result<Arc<VolumeReplica>, ReplicaError> {
+        let counters = Arc::new(ReplicaCounters::default());
+        let shared_slot: Arc<Mutex<Option<Arc<Mutex<SmShared>>>>> = Arc::new(Mutex::new(None));
+        let fetcher = Arc::new(PeerFetcher {
+            group: id,
+            node_id: ctx.node_id,
+            pool: ctx.pool.clone(),
+            shared: shared_slot.clone(),
+        });
+        let (sm, shared, size) = VolumeStateMachine::open(ctx.store.clone(), id, ctx.snap_dir.clone(), fetcher, counters.clone())
+            .map_err(|e| ReplicaError::Storage { volume: id, detail: e.to_string() })?;
+        if let Ok(mut slot) = shared_slot.lock() {
+            *slot = Some(shared.clone());
+        }
+        let blocks = BlockStore::new(ctx.store.clone(), id);
+        let progress = Arc::new(TransferProgress::default());
+        let source = Arc::new(VolumeSnapshotSource { blocks: blocks.clone(), shared: shared.clone(), progress: progress.clone() });
+        let network = GroupNetworkFactory::<VolumeTc>::new(id, ctx.pool.clone(), source);
+        let config = volume_config(&id.to_string()).map_err(|e| ReplicaError::Raft { volume: id, detail: e.to_string() })?;
+        let log = LogStore::<VolumeTc>::new(ctx.store.clone(), id);
+        let raft = Raft::new(ctx.node_id, config, network, log, sm)
+            .await
+            .map_err(|e| ReplicaError::Raft { volume: id, detail: e.to_string() })?;
+        let (tx, rx) = mpsc::channel(4096);
+        let replica = Arc::new(VolumeReplica {
+            id,
+            node_id: ctx.node_id,
+            raft: raft.clone(),
+            shared,
+            size,
+            blocks,
+            counters,
+            progress,
+            proposals: tx,
+            pool: ctx.pool.clone(),
+            snap_dir: ctx.snap_dir.clone(),
+        });
+        tokio::spawn(run_proposer(raft, rx).instrument(tracing::info_span!("proposer", volume = %id)));
+        Ok(replica)
+    }
+
+    /// Forms a new group with `members` as voters (called on one node only).
+    pub async fn initialize(&self, members: BTreeMap<NodeId, BasicNode>) -> Result<(), ReplicaError> {
+        match self.raft.initialize(members).await {
+            Ok(()) => Ok(()),
+            Err(RaftError::APIError(openraft::error::InitializeError::NotAllowed(_))) => Ok(()),
+            Err(e) => Err(ReplicaError::Raft { volume: self.id, detail: e.to_string() }),
+        }
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.raft.metrics().borrow().state == ServerState::Leader
+    }
+
+    pub fn leader(&self) -> Option<NodeId> {
+        self.raft.metrics().borrow().current_leader
+    }
+
+    pub fn members(&self) -> Vec<NodeId> {
+        lock(&self.shared).members()
+    }
+
+    /// Whether the state machine already holds the volume's initial state.
+    pub fn applied_index(&self) -> u64 {
+        lock(&self.shared).last_applied.map(|l| l.index).unwrap_or(0)
+    }
+
+    pub fn fence(&self) -> (u64, bool) {
+        let s = lock(&self.shared);
+        (s.meta.fence_floor, s.meta.exclusive)
+    }
+
+    /// Whether the leader may answer a read from its own state machine.
+    fn lease_valid(&self) -> bool {
+        let m = self.raft.metrics().borrow().clone();
+        if m.state != ServerState::Leader {
+            return false;
+        }
+        // Everything committed by earlier leaders is applied once an entry
+        // of our own term is (the blank entry a new leader commits first).
+        if m.last_applied.map(|l| l.leader_id.term) != Some(m.current_term) {
+            return false;
+        }
+        let voters = m.membership_config.membership().voter_ids().count();
+        voters <= 1 || m.millis_since_quorum_ack.is_some_and(|ms| ms < VOLUME_READ_LEASE.as_millis() as u64)
+    }
+
+    async fn ensure_readable(&self) -> Result<(), BlockError> {
+        if self.lease_valid() {
+            return Ok(());
+        }
+        match self.raft.ensure_linearizable().await {
+            Ok(_) => Ok(()),
+            Err(e) => Err(unavailable(format!("volume {}: {e}", self.id))),
+        }
+    }
+
+    pub async fn read(&self, offset: u64, len: u32) -> Result<Bytes, BlockError> {
+        if len == 0 || len > MAX_IO {
+            return Err(BlockError::Invalid(format!("read length {len}")));
+        }
+        self.ensure_readable().await?;
+        let end = offset.checked_add(len as u64).ok_or(BlockError::OutOfRange)?;
+        if end > self.size() {
+            return Err(BlockError::OutOfRange);
+        }
+        let first = offset / BLOCK_SIZE;
+        let last = (end - 1) / BLOCK_SIZE;
+        let count = last - first + 1;
+        let blocks = self.blocks.clone();
+        let found = blocks.read_range(first, count).map_err(|e| BlockError::Io(e.to_string()))?;
+        let mut buf = BytesMut::zeroed((count as usize) * BS);
+        for (i, slot) in found.into_iter().enumerate() {
+            let content = match slot {
+                Ok(None) => continue,
+                Ok(Some((_, s))) => s,
+                Err(version) => self.repair_for_read(first + i as u64, version).await?,
+            };
+            if let Stored::Data(d) = content {
+                buf[i * BS..(i + 1) * BS].copy_from_slice(&d);
+            }
+        }
+        let start = (offset - first * BLOCK_SIZE) as usize;
+        Ok(buf.freeze().slice(start..start + len as usize))
+    }
+
+    async fn repair_for_read(&self, block: u64, version: u64) -> Result<Stored, BlockError> {
+        let members = self.members();
+        match fetch_from_peers(&self.pool, self.id, self.node_id, &members, block, version).await {
+            Ok(content) => {
+                self.blocks.repair(block, version, &content).map_err(|e| BlockError::Io(e.to_string()))?;
+                self.counters.crc_repairs.fetch_add(1, Ordering::Relaxed);
+                info!(volume = %self.id, block, version, "checksum mismatch repaired from a peer");
+                Ok(content)
+            }
+            Err(e) => {
+                self.counters.crc_unrepairable.fetch_add(1, Ordering::Relaxed);
+                warn!(volume = %self.id, block, version, error = %e, "checksum mismatch and no good copy");
+                Err(BlockError::Io(format!("block {block} is corrupt on every reachable replica")))
+            }
+        }
+    }
+
+    /// Submits one write/zero op; large writes are split across entries.
+    pub async fn submit(&self, generation: Option<u64>, fua: bool, kind: IoKind) -> Result<(), BlockError> {
+        if !self.is_leader() {
+            return Err(unavailable(format!("node {} does not lead volume {}", self.node_id, self.id)));
+        }
+        let ops: Vec<IoOp> = match kind {
+            IoKind::Write { offset, data } if data.len() > MAX_ENTRY_BYTES => {
+                let mut ops = Vec::new();
+                let mut pos = 0;
+                while pos < data.len() {
+                    let n = MAX_ENTRY_BYTES.min(data.len() - pos);
+                    ops.push(IoOp {
+                        generation,
+                        fua,
+                        kind: IoKind::Write { offset: offset + pos as u64, data: data.slice(pos..pos + n) },
+                    });
+                    pos += n;
+                }
+                ops
+            }
+            kind => vec![IoOp { generation, fua, kind }],
+        };
+        let mut waits = Vec::with_capacity(ops.len());
+        for op in ops {
+            let (done, rx) = oneshot::channel();
+            self.proposals.send(Proposal { op, done }).await.map_err(|_| unavailable("replica stopping"))?;
+            waits.push(rx);
+        }
+        for rx in waits {
+            match rx.await.map_err(|_| unavailable("replica stopping"))?? {
+                OpResult::Ok => {}
+                OpResult::Fenced => {
+                    return Err(BlockError::Fenced(format!(
+                        "volume {} is attached elsewhere with a newer generation (this writer: {:?})",
+                        self.id, generation
+                    )))
+                }
+                OpResult::OutOfRange => return Err(BlockError::OutOfRange),
+                OpResult::Corrupt => return Err(BlockError::Io("a block of the write is corrupt".into())),
+            }
+        }
+        Ok(())
+    }
+
+    /// Returns once every write acknowledged before it is durable on a
+    /// majority (the Flush entry is fsynced wherever it is stored).
+    pub async fn flush(&self) -> Result<(), BlockError> {
+        self.write_command(VolumeCommand::Flush).await.map(|_| ())
+    }
+
+    pub async fn write_command(&self, cmd: VolumeCommand) -> Result<(), BlockError> {
+        match self.raft.client_write(cmd).await {
+            Ok(_) => Ok(()),
+            Err(e) => Err(unavailable(format!("volume {}: {e}", self.id))),
+        }
+    }
+
+    /// Serves a peer's repair request: our verified copy of one version.
+    pub async fn fetch_local(&self, block: u64, version: u64) -> (bool, Vec<u8>, u64) {
+        // A lagging replica may not have applied the version yet; give it
+        // a moment before answering "not found".
+        for _ in 0..40 {
+            if self.applied_index() >= version {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let applied = self.applied_index();
+        match self.blocks.read_exact(block, version) {
+            Ok(Some(Stored::Data(d))) => (true, encode_value(&d), applied),
+            Ok(Some(Stored::Zero)) => (true, Vec::new(), applied),
+            Ok(None) => (false, Vec::new(), applied),
+            Err(BlockReadError::Checksum { .. }) | Err(BlockReadError::Store(_)) => (false, Vec::new(), applied),
+        }
+    }
+
+    /// Verifies every stored block version; repairs failures from peers.
+    pub async fn scrub(&self) -> (u64, u64, u64) {
+        let (checked, bad) = match self.blocks.scan_checksums() {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(volume = %self.id, error = %e, "scrub failed");
+                return (0, 0, 0);
+            }
+        };
+        let members = self.members();
+        let (mut repaired, mut failed) = (0, 0);
+        for (block, version) in bad {
+            match fetch_from_peers(&self.pool, self.id, self.node_id, &members, block, version).await {
+                Ok(content) if self.blocks.repair(block, version, &content).is_ok() => {
+                    repaired += 1;
+                    self.counters.crc_repairs.fetch_add(1, Ordering::Relaxed);
+                }
+                _ => {
+                    failed += 1;
+                    self.counters.crc_unrepairable.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        info!(volume = %self.id, checked, repaired, failed, "scrub finished");
+        (checked, repaired, failed)
+    }
+
+    pub fn report(&self) -> ReplicaReport {
+        let m = self.raft.metrics().borrow().clone();
+        let s = lock(&self.shared);
+        let membership = m.membership_config.membership();
+        let voters: Vec<NodeId> = membership.voter_ids().collect();
+        let learners: Vec<NodeId> = membership.learner_ids().collect();
+        let matched = m
+            .replication
+            .as_ref()
+            .map(|r| r.iter().map(|(n, l)| (*n, l.map(|l| l.index).unwrap_or(0))).collect())
+            .unwrap_or_default();
+        let transfers = if m.state == ServerState::Leader {
+            voters.iter().chain(learners.iter()).filter_map(|n| self.progress.get(*n).map(|(d, t)| (*n, d, t))).collect()
+        } else {
+            Vec::new()
+        };
+        ReplicaReport {
+            volume: self.id.0,
+            role: Some(role_of(&m).into()),
+            term: m.current_term,
+            leader: m.current_leader,
+            applied_index: s.last_applied.map(|l| l.index).unwrap_or(0),
+            last_log_index: m.last_log_index.unwrap_or(0),
+            size_bytes: s.meta.size_bytes,
+            fence_floor: s.meta.fence_floor,
+            exclusive: s.meta.exclusive,
+            live_blocks: s.meta.live_blocks,
+            voters,
+            learners,
+            matched,
+            transfers,
+            crc_repairs: self.counters.crc_repairs.load(Ordering::Relaxed),
+            crc_unrepairable: self.counters.crc_unrepairable.load(Ordering::Relaxed),
+            fatal: m.running_state.as_ref().err().map(|e| e.to_string()),
+        }
+    }
+
+    /// Leader only: moves the group's membership toward `desired` (from the
+    /// catalog). New nodes join as learners first and become voters once
+    /// caught up, so the group never waits on an empty replica for quorum.
+    pub async fn converge_membership(&self, desired: &BTreeMap<NodeId, BasicNode>) {
+        let m = self.raft.metrics().borrow().clone();
+        if m.state != ServerState::Leader || desired.is_empty() {
+            return;
+        }
+        let membership = m.membership_config.membership().clone();
+        if membership.get_joint_config().len() > 1 {
+            return; // a change is in progress
+        }
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let nodes: BTreeSet<NodeId> = membership.nodes().map(|(id, _)| *id).collect();
+        let want: BTreeSet<NodeId> = desired.keys().copied().collect();
+        for (id, node) in desired {
+            if !nodes.contains(id) {
+                info!(volume = %self.id, node = id, "adding replica as learner");
+                if let Err(e) = self.raft.add_learner(*id, node.clone(), false).await {
+                    debug!(volume = %self.id, node = id, error = %e, "add learner");
+                }
+                return;
+            }
+        }
+        if voters != want {
+            let last = m.last_log_index.unwrap_or(0);
+            let replication = m.replication.clone().unwrap_or_default();
+            let caught_up = want.iter().filter(|n| !voters.contains(n)).all(|n| {
+                replication.get(n).and_then(|l| l.map(|l| l.index)).is_some_and(|i| i + 64 >= last)
+            });
+            if !caught_up {
+                return;
+            }
+            info!(volume = %self.id, ?voters, ?want, "changing voters");
+            match self.raft.change_membership(ChangeMembers::ReplaceAllVoters(want.clone()), false).await {
+                Ok(_) => {}
+                Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
+                    debug!(volume = %self.id, error = %e, "membership change not possible yet")
+                }
+                Err(e) => warn!(volume = %self.id, error = %e, "membership change failed"),
+            }
+            return;
+        }
+        let stray: BTreeSet<NodeId> = nodes.difference(&want).copied().collect();
+        if !stray.is_empty() {
+            info!(volume = %self.id, ?stray, "removing learners no longer placed here");
+            if let Err(e) = self.raft.change_membership(ChangeMembers::RemoveNodes(stray), false).await {
+                debug!(volume = %self.id, error = %e, "remove learners");
+            }
+        }
+    }
+
+    pub fn shared(&self) -> &Arc<Mutex<SmShared>> {
+        &self.shared
+    }
+
+    pub async fn shutdown(&self) {
+        if let Err(e) = self.raft.shutdown().await {
+            warn!(volume = %self.id, error = %e, "raft shutdown");
+        }
+    }
+}
+
+/// Packs queued ops into log entries and hands results back.
+async fn run_proposer(raft: Raft<VolumeTc>, mut rx: mpsc::Receiver<Proposal>) {
+    let slots = Arc::new(Semaphore::new(MAX_PROPOSALS_IN_FLIGHT));
+    while let Some(first) = rx.recv().await {
+        let Ok(permit) = slots.clone().acquire_owned().await else { break };
+        // While we waited for a slot more requests queued: take them too.
+        let mut batch = vec![first];
+        let mut bytes = batch[0].op.data_len();
+        while batch.len() < MAX_OPS_PER_ENTRY && bytes < MAX_ENTRY_BYTES {
+            match rx.try_recv() {
+                Ok(p) => {
+                    bytes += p.op.data_len();
+                    batch.push(p);
+                }
+                Err(_) => break,
+            }
+        }
+        let raft = raft.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let (ops, dones): (Vec<IoOp>, Vec<_>) = batch.into_iter().map(|p| (p.op, p.done)).unzip();
+            match raft.client_write(VolumeCommand::Io(ops)).await {
+                Ok(resp) => {
+                    let results = resp.data.results;
+                    for (i, done) in dones.into_iter().enumerate() {
+                        let r = results.get(i).copied().unwrap_or(OpResult::Corrupt);
+                        let _ = done.send(Ok(r));
+                    }
+                }
+                Err(e) => {
+                    let msg = e.to_string();
+                    for done in dones {
+                        let _ = done.send(Err(unavailable(&msg)));
+                    }
+                }
+            }
+        });
+    }
+}
