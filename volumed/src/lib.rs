@@ -14,6 +14,7 @@ pub mod api;
 pub mod catalog;
 pub mod cluster;
 pub mod config;
+pub mod daemon;
 pub mod raft;
 pub mod storage;
 pub mod volume;

@@ -5,11 +5,13 @@
 //! - [`heartbeat`]: liveness and replica reports to the catalog leader;
 //! - [`replicas`]: starting, leading and dropping local replicas;
 //! - [`control`]: volume-group control calls between nodes;
+//! - [`exports`]: NBD exports, routed to each volume's leader;
 //! - [`disk`]: capacity of the data directory.
 
 pub mod bootstrap;
 pub mod control;
 pub mod disk;
+pub mod exports;
 pub mod heartbeat;
 pub mod node;
 pub mod replicas;

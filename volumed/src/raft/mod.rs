@@ -43,8 +43,9 @@ pub fn volume_config(volume: &str) -> Result<Arc<Config>, openraft::ConfigError>
         snapshot_policy: SnapshotPolicy::LogsSinceLast(20_000),
         max_in_snapshot_log_to_keep: 2_000,
         purge_batch_size: 1024,
-        // Entries carry up to 1 MiB of block data each.
-        max_payload_entries: 64,
+        // Entries carry up to 1 MiB of block data each: bound one
+        // AppendEntries to ~16 MiB.
+        max_payload_entries: 16,
         install_snapshot_timeout: 30_000,
         ..Default::default()
     };

@@ -242,12 +242,17 @@ impl<C: GroupTypeConfig> GroupNetwork<C> {
         let payload = encode(rpc).map_err(|e| {
             to_rpc_error(PeerError::Decode { node: target, detail: format!("encode: {e}") })
         })?;
+        let payload_len = payload.len();
         let mut client = self.pool.client(target, Some(&self.fallback_addr)).map_err(to_rpc_error)?;
         let mut req = tonic::Request::new(RaftMessage {
             group_id: Bytes::copy_from_slice(self.group.as_bytes()),
             payload: Bytes::from(payload),
         });
-        req.set_timeout(option.hard_ttl());
+        // openraft's deadline is the heartbeat interval, which a batch of
+        // large block writes cannot meet; give big payloads time in
+        // proportion to their size (at a pessimistic 50 MB/s).
+        let size_allowance = Duration::from_millis(payload_len as u64 / 50_000);
+        req.set_timeout(option.hard_ttl().max(Duration::from_millis(500) + size_allowance));
         let reply = if vote { client.vote(req).await } else { client.append_entries(req).await };
         let reply = reply.map_err(|status| to_rpc_error(PeerError::Status { node: target, status }))?;
         let result: Result<Resp, RaftError<NodeId, E>> = decode("raft reply", &reply.into_inner().payload)

@@ -1,0 +1,106 @@
+//! Running a volumed node: listeners, background loops, clean shutdown.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::signal::unix::{signal, SignalKind};
+use tonic::transport::Server;
+use tracing::{error, info, Instrument};
+use volumed_proto::volumed::v1::admin_server::AdminServer;
+use volumed_proto::volumed::v1::raft_transport_server::RaftTransportServer;
+
+use crate::api::admin::AdminService;
+use crate::api::transport::TransportService;
+use crate::cluster::exports::Exports;
+use crate::cluster::node::NodeRuntime;
+use crate::cluster::{bootstrap, heartbeat, replicas};
+use crate::config::NodeConfig;
+use crate::raft::network::MAX_PEER_MESSAGE;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("cannot listen on {addr}: {source}")]
+    Listen { addr: String, source: std::io::Error },
+    #[error(transparent)]
+    Node(#[from] crate::cluster::node::NodeError),
+    #[error("signal handler: {0}")]
+    Signal(std::io::Error),
+}
+
+pub async fn run(config: NodeConfig) -> Result<(), DaemonError> {
+    let span = tracing::info_span!("volumed", node = config.node_id, name = %config.node_name);
+    async move {
+        let grpc_listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| DaemonError::Listen { addr: config.listen.to_string(), source })?;
+        let nbd_listener = TcpListener::bind(config.nbd_listen)
+            .await
+            .map_err(|source| DaemonError::Listen { addr: config.nbd_listen.to_string(), source })?;
+        let mut sigterm = signal(SignalKind::terminate()).map_err(DaemonError::Signal)?;
+        let mut sigint = signal(SignalKind::interrupt()).map_err(DaemonError::Signal)?;
+
+        let node = NodeRuntime::open(config.clone()).await?;
+        info!(listen = %config.listen, advertise = %config.advertise, nbd = %config.nbd_advertise, "volumed starting");
+
+        let (health_reporter, health_service) = tonic_health::server::health_reporter();
+        health_reporter.set_service_status("", tonic_health::ServingStatus::Serving).await;
+        let mut stop = node.shutdown.subscribe();
+        let grpc = Server::builder()
+            .tcp_nodelay(true)
+            .http2_keepalive_interval(Some(Duration::from_secs(10)))
+            .add_service(health_service)
+            .add_service(
+                RaftTransportServer::new(TransportService::new(node.clone()))
+                    .max_decoding_message_size(MAX_PEER_MESSAGE)
+                    .max_encoding_message_size(MAX_PEER_MESSAGE),
+            )
+            .add_service(
+                AdminServer::new(AdminService::new(node.clone()))
+                    .max_decoding_message_size(MAX_PEER_MESSAGE)
+                    .max_encoding_message_size(MAX_PEER_MESSAGE),
+            )
+            .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(grpc_listener), async move {
+                let _ = stop.changed().await;
+            });
+        let grpc_task = tokio::spawn(async move {
+            if let Err(e) = grpc.await {
+                error!(error = %e, "gRPC server failed");
+            }
+        });
+
+        let mut stop = node.shutdown.subscribe();
+        let nbd_task = tokio::spawn(volumed_nbd::server::serve(
+            nbd_listener,
+            Exports::new(&node),
+            volumed_nbd::server::ServerOptions::default(),
+            async move {
+                let _ = stop.changed().await;
+            },
+        ));
+
+        tokio::spawn(bootstrap::run(node.clone()).in_current_span());
+        tokio::spawn(replicas::run(node.clone()).in_current_span());
+        tokio::spawn(heartbeat::run(node.clone()).in_current_span());
+        tokio::spawn(node.catalog.clone().run_reconciler(node.shutdown.subscribe()).in_current_span());
+
+        tokio::select! {
+            _ = sigterm.recv() => info!("SIGTERM: shutting down"),
+            _ = sigint.recv() => info!("SIGINT: shutting down"),
+        }
+        shutdown(node, grpc_task, nbd_task).await;
+        Ok(())
+    }
+    .instrument(span)
+    .await
+}
+
+async fn shutdown(node: Arc<NodeRuntime>, grpc: tokio::task::JoinHandle<()>, nbd: tokio::task::JoinHandle<()>) {
+    // Stop taking requests first (NBD drains in-flight requests), then stop
+    // the Raft groups, then make the WAL durable.
+    let _ = node.shutdown.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(10), nbd).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), grpc).await;
+    node.stop().await;
+    info!("volumed stopped");
+}
