@@ -265,7 +265,7 @@ async fn request_errors_come_before_volumed() {
         ("fsType", "ntfs"),
         ("kind", "nfs"),
         ("zoneSpread", "maybe"),
-        ("qosReadIops", "-3"),
+        ("qos.readIOPS", "-3"),
         ("bogus", "1"),
     ] {
         let m = code(

@@ -17,10 +17,10 @@ pub const REPLICAS: &str = "replicas";
 pub const FS_TYPE: &str = "fsType";
 pub const KIND: &str = "kind";
 pub const ZONE_SPREAD: &str = "zoneSpread";
-pub const QOS_READ_IOPS: &str = "qosReadIops";
-pub const QOS_WRITE_IOPS: &str = "qosWriteIops";
-pub const QOS_READ_BPS: &str = "qosReadBytesPerSec";
-pub const QOS_WRITE_BPS: &str = "qosWriteBytesPerSec";
+pub const QOS_READ_IOPS: &str = "qos.readIOPS";
+pub const QOS_WRITE_IOPS: &str = "qos.writeIOPS";
+pub const QOS_READ_BPS: &str = "qos.readBps";
+pub const QOS_WRITE_BPS: &str = "qos.writeBps";
 
 /// Keys the CO adds itself (external-provisioner's `--extra-create-metadata`:
 /// PVC/PV names) are accepted and not stored.
@@ -493,10 +493,10 @@ mod tests {
             ("fsType", "xfs"),
             ("kind", "block"),
             ("zoneSpread", "true"),
-            ("qosReadIops", "500"),
-            ("qosWriteIops", "0"),
-            ("qosReadBytesPerSec", "100Mi"),
-            ("qosWriteBytesPerSec", "20M"),
+            ("qos.readIOPS", "500"),
+            ("qos.writeIOPS", "0"),
+            ("qos.readBps", "100Mi"),
+            ("qos.writeBps", "20M"),
             ("csi.storage.k8s.io/pvc/name", "data"),
         ]))
         .unwrap();
@@ -526,12 +526,12 @@ mod tests {
             ("fsType", "EXT4"),
             ("kind", "object"),
             ("zoneSpread", "yes"),
-            ("qosReadIops", "fast"),
-            ("qosWriteIops", "1.5"),
-            ("qosReadBytesPerSec", "10Xi"),
-            ("qosWriteBytesPerSec", "Mi"),
-            ("qosWriteBytesPerSec", "99999999999999999999"),
-            ("qosWriteBytesPerSec", "16Ei"),
+            ("qos.readIOPS", "fast"),
+            ("qos.writeIOPS", "1.5"),
+            ("qos.readBps", "10Xi"),
+            ("qos.writeBps", "Mi"),
+            ("qos.writeBps", "99999999999999999999"),
+            ("qos.writeBps", "16Ei"),
             ("replica", "3"),
             ("volumed.dev/anything", "x"),
         ];
@@ -563,14 +563,14 @@ mod tests {
         assert!(a.conflict_with(&d).unwrap().contains("zoneSpread"));
         let e = VolumeSpec::from_parameters(&map(&[("kind", "file")])).unwrap();
         assert!(a.conflict_with(&e).unwrap().contains("kind"));
-        let q = VolumeSpec::from_parameters(&map(&[("qosReadIops", "10")])).unwrap();
+        let q = VolumeSpec::from_parameters(&map(&[("qos.readIOPS", "10")])).unwrap();
         assert_eq!(a.conflict_with(&q), None);
         assert_eq!(a.conflict_with(&a), None);
     }
 
     #[test]
     fn mutable_parameters_accept_only_qos() {
-        let change = QosSpec::from_mutable(&map(&[("qosReadIops", "100")])).unwrap();
+        let change = QosSpec::from_mutable(&map(&[("qos.readIOPS", "100")])).unwrap();
         let mut q = QosSpec {
             read_iops: Some(5),
             write_iops: Some(7),
@@ -579,7 +579,7 @@ mod tests {
         change.apply(&mut q);
         assert_eq!(q.read_iops, Some(100));
         assert_eq!(q.write_iops, Some(7));
-        let clear = QosSpec::from_mutable(&map(&[("qosWriteIops", "0")])).unwrap();
+        let clear = QosSpec::from_mutable(&map(&[("qos.writeIOPS", "0")])).unwrap();
         clear.apply(&mut q);
         assert_eq!(q.write_iops, None);
 
@@ -590,8 +590,8 @@ mod tests {
         }
         let err = QosSpec::from_mutable(&map(&[("iops", "1")])).unwrap_err();
         assert!(err.reason.contains("unknown"));
-        let err = QosSpec::from_mutable(&map(&[("qosReadIops", "x")])).unwrap_err();
-        assert_eq!(err.key, "qosReadIops");
+        let err = QosSpec::from_mutable(&map(&[("qos.readIOPS", "x")])).unwrap_err();
+        assert_eq!(err.key, "qos.readIOPS");
     }
 
     #[test]

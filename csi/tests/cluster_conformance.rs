@@ -235,7 +235,7 @@ async fn delete_validate_get_not_found_cases() {
     code(
         ctrl.controller_modify_volume(csi::ControllerModifyVolumeRequest {
             volume_id: MISSING_VOLUME.into(),
-            mutable_parameters: [("qosReadIops".to_string(), "100".to_string())].into(),
+            mutable_parameters: [("qos.readIOPS".to_string(), "100".to_string())].into(),
             ..Default::default()
         })
         .await,
@@ -467,7 +467,7 @@ async fn expand_and_modify() {
         .create(
             &c.name("grow"),
             16 * MIB,
-            &[("qosReadIops", "100")],
+            &[("qos.readIOPS", "100")],
             vec![ext4()],
         )
         .await
@@ -511,7 +511,7 @@ async fn expand_and_modify() {
 
     ctrl.controller_modify_volume(csi::ControllerModifyVolumeRequest {
         volume_id: v.volume_id.clone(),
-        mutable_parameters: [("qosReadIops".to_string(), "500".to_string())].into(),
+        mutable_parameters: [("qos.readIOPS".to_string(), "500".to_string())].into(),
         ..Default::default()
     })
     .await

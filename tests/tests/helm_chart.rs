@@ -1448,7 +1448,7 @@ fn dockerfile_copies_the_binaries_the_workspace_builds() {
         .find(|i| i.contains("cargo build"))
         .expect("Dockerfile builds with cargo");
     let bins = built_binaries();
-    for pkg in ["volumed", "volumed-csi-controller", "volumed-csi-node"] {
+    for pkg in ["volumed", "volctl", "volumed-csi-controller", "volumed-csi-node"] {
         assert!(
             build.split_whitespace().any(|w| w == pkg),
             "Dockerfile does not build -p {pkg}: {build}"
@@ -1750,6 +1750,8 @@ fn built_binaries() -> &'static BTreeMap<String, PathBuf> {
                 "-p",
                 "volumed",
                 "-p",
+                "volctl",
+                "-p",
                 "volumed-csi-controller",
                 "-p",
                 "volumed-csi-node",
@@ -1761,7 +1763,7 @@ fn built_binaries() -> &'static BTreeMap<String, PathBuf> {
             .expect("run cargo");
         assert!(
             out.status.success(),
-            "cargo build -p volumed -p volumed-csi-controller -p volumed-csi-node --bins failed \
+            "cargo build -p volumed -p volctl -p volumed-csi-controller -p volumed-csi-node --bins failed \
              (exit {:?}); the chart's binaries must build",
             out.status.code()
         );
