@@ -7,7 +7,9 @@
 //! with exactly the same arguments. Dropping the cluster kills every
 //! process it started.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -16,9 +18,25 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tonic::transport::Channel;
 use volumed_proto::volumed::v1 as pb;
+use volumed_nbd::client::{ClientOptions, NbdClient, StaticEndpoints};
 use volumed_proto::volumed::v1::admin_client::AdminClient;
 
 static CLUSTERS: AtomicU32 = AtomicU32::new(0);
+
+/// Serialises the cluster tests of one test binary: each cluster is several
+/// processes with sub-second Raft timers, and two of them side by side on
+/// a 2-core machine only measure the scheduler. Take it first thing in a
+/// test and keep it to the end; a panicking test releases it (poisoning is
+/// ignored). Waiting blocks the calling thread, which is what a test that
+/// has nothing else to do wants: every `#[tokio::test]` has its own runtime.
+pub fn serial() -> SerialGuard {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SerialGuard(LOCK.lock().unwrap_or_else(|p| p.into_inner()))
+}
+
+/// Held while a cluster test runs (see [`serial`]). Holding it across
+/// `.await`s is the point: it is never contended within one runtime.
+pub struct SerialGuard(#[allow(dead_code)] std::sync::MutexGuard<'static, ()>);
 
 /// Path of a binary built from this workspace (`volumed`, `volctl`, ...).
 pub fn workspace_bin(name: &str) -> PathBuf {
@@ -102,6 +120,13 @@ impl NodeProc {
     }
     pub fn endpoint(&self) -> String {
         format!("http://{}", self.api)
+    }
+    pub fn nbd_addr(&self) -> SocketAddr {
+        self.nbd.parse().expect("nbd address")
+    }
+    /// `nbd://host:port/<export>` on this node.
+    pub fn nbd_uri(&self, export: &str) -> String {
+        format!("nbd://{}/{}", self.nbd, export)
     }
 }
 
@@ -400,6 +425,59 @@ impl Cluster {
             assert!(Instant::now() < deadline, "no catalog leader");
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+    }
+
+    /// Waits until the catalog leader has a heartbeat of node `i` sent
+    /// after `since` (so volume reports it answers with are that new too).
+    pub async fn wait_heard_from(&self, i: usize, since: Instant, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        let name = self.nodes[i].name.clone();
+        let mut last = None;
+        loop {
+            let mut c = self.admin().await;
+            if let Ok(r) = c.list_nodes(pb::ListNodesRequest {}).await {
+                let n = r.into_inner().nodes.into_iter().find(|n| n.name == name);
+                if let Some(n) = &n {
+                    if Duration::from_millis(n.last_heartbeat_ms_ago) < since.elapsed() && n.state == pb::NodeState::Up as i32 {
+                        return;
+                    }
+                }
+                last = n;
+            }
+            assert!(Instant::now() < deadline, "no heartbeat from {name} since {:?} ago: {last:?}", since.elapsed());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Raft id of node `i` (from the catalog's node table).
+    pub async fn node_id(&self, i: usize) -> u64 {
+        let mut c = self.admin().await;
+        let nodes = c.list_nodes(pb::ListNodesRequest {}).await.expect("list nodes").into_inner().nodes;
+        nodes.iter().find(|n| n.name == self.nodes[i].name).map(|n| n.node_id).expect("node in catalog")
+    }
+
+    /// NBD endpoints: the nodes in `first` (in that order), then every
+    /// other node of the cluster. A dead node refuses at once, so the list
+    /// may name nodes that are down.
+    pub fn nbd_endpoints(&self, first: &[usize]) -> StaticEndpoints {
+        let mut order: Vec<usize> = first.to_vec();
+        order.extend((0..self.nodes.len()).filter(|i| !first.contains(i)));
+        StaticEndpoints(order.into_iter().map(|i| self.nodes[i].nbd_addr()).collect())
+    }
+
+    /// A reconnecting NBD client of `export` (a volume id), connected
+    /// through the nodes in `first` first.
+    pub async fn nbd_client(&self, export: &str, first: &[usize], opts: ClientOptions) -> Arc<NbdClient> {
+        match NbdClient::connect(Arc::new(self.nbd_endpoints(first)), export.to_string(), opts).await {
+            Ok(c) => c,
+            Err(e) => panic!("NBD connect to {export}: {e}\n{}", self.logs_tail(30)),
+        }
+    }
+
+    /// How many lines of node `i`'s log contain every one of `needles`.
+    pub fn log_count(&self, i: usize, needles: &[&str]) -> usize {
+        let text = std::fs::read_to_string(&self.nodes[i].log).unwrap_or_default();
+        text.lines().filter(|l| needles.iter().all(|n| l.contains(n))).count()
     }
 
     /// The last lines of every node's log, for failure messages.

@@ -8,10 +8,13 @@ use tokio::signal::unix::{signal, SignalKind};
 use tonic::transport::Server;
 use tracing::{error, info, Instrument};
 use volumed_proto::volumed::v1::admin_server::AdminServer;
+use volumed_proto::volumed::v1::node_local_server::NodeLocalServer;
 use volumed_proto::volumed::v1::raft_transport_server::RaftTransportServer;
 
 use crate::api::admin::AdminService;
+use crate::api::node_local::{self, NodeLocalService};
 use crate::api::transport::TransportService;
+use crate::attach::AttachManager;
 use crate::cluster::exports::Exports;
 use crate::cluster::node::NodeRuntime;
 use crate::cluster::{bootstrap, heartbeat, replicas};
@@ -26,6 +29,8 @@ pub enum DaemonError {
     Node(#[from] crate::cluster::node::NodeError),
     #[error("signal handler: {0}")]
     Signal(std::io::Error),
+    #[error(transparent)]
+    LocalSocket(#[from] node_local::SocketError),
 }
 
 pub async fn run(config: NodeConfig) -> Result<(), DaemonError> {
@@ -37,6 +42,7 @@ pub async fn run(config: NodeConfig) -> Result<(), DaemonError> {
         let nbd_listener = TcpListener::bind(config.nbd_listen)
             .await
             .map_err(|source| DaemonError::Listen { addr: config.nbd_listen.to_string(), source })?;
+        let local_listener = node_local::bind(&config.local_socket)?;
         let mut sigterm = signal(SignalKind::terminate()).map_err(DaemonError::Signal)?;
         let mut sigint = signal(SignalKind::interrupt()).map_err(DaemonError::Signal)?;
 
@@ -79,6 +85,21 @@ pub async fn run(config: NodeConfig) -> Result<(), DaemonError> {
             },
         ));
 
+        // Devices of the last run are cleaned up before anyone can attach.
+        let attachments = AttachManager::start(node.clone()).await;
+        let mut stop = node.shutdown.subscribe();
+        let local = Server::builder()
+            .add_service(NodeLocalServer::new(NodeLocalService::new(node.clone(), attachments.clone())))
+            .serve_with_incoming_shutdown(tokio_stream::wrappers::UnixListenerStream::new(local_listener), async move {
+                let _ = stop.changed().await;
+            });
+        let local_task = tokio::spawn(async move {
+            if let Err(e) = local.await {
+                error!(error = %e, "node-local API server failed");
+            }
+        });
+        info!(socket = %config.local_socket.display(), "node-local API listening");
+
         tokio::spawn(bootstrap::run(node.clone()).in_current_span());
         tokio::spawn(replicas::run(node.clone()).in_current_span());
         tokio::spawn(heartbeat::run(node.clone()).in_current_span());
@@ -88,7 +109,13 @@ pub async fn run(config: NodeConfig) -> Result<(), DaemonError> {
             _ = sigterm.recv() => info!("SIGTERM: shutting down"),
             _ = sigint.recv() => info!("SIGINT: shutting down"),
         }
+        // Devices first: they may use this node's NBD server and replicas.
+        if tokio::time::timeout(Duration::from_secs(30), attachments.shutdown()).await.is_err() {
+            error!("releasing attached devices timed out");
+        }
         shutdown(node, grpc_task, nbd_task).await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), local_task).await;
+        let _ = std::fs::remove_file(&config.local_socket);
         Ok(())
     }
     .instrument(span)

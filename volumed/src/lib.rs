@@ -7,10 +7,12 @@
 //! - [`volume`]: per-volume Raft groups and block storage;
 //! - [`cluster`]: what one running node does (bootstrap, heartbeats,
 //!   replica management, NBD exports);
+//! - [`attach`]: devices of volumes attached on this node;
 //! - [`api`]: the gRPC edges;
 //! - [`cli`]: `volctl`.
 
 pub mod api;
+pub mod attach;
 pub mod catalog;
 pub mod cluster;
 pub mod config;

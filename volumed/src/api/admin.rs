@@ -47,7 +47,20 @@ impl AdminService {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             match self.node.catalog.leader() {
-                Some(l) if l == self.node.node_id() => return Ok(None),
+                // Answer here only as a confirmed leader; a deposed one that
+                // does not know it yet waits for the new leader's name.
+                Some(l) if l == self.node.node_id() => {
+                    if self.node.catalog.confirm_leader().await {
+                        return Ok(None);
+                    }
+                    if Instant::now() >= deadline {
+                        return Err(Status::unavailable(
+                            "this node cannot confirm it still leads the catalog; is a majority of catalog voters up? \
+                             (volctl cluster status)",
+                        ));
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
                 Some(l) => {
                     let addr = self
                         .node
@@ -86,7 +99,9 @@ impl AdminService {
     fn volume_proto(&self, v: &VolumeRecord) -> pb::Volume {
         let reports = self.node.catalog.volume_reports(v.id);
         let state = self.node.catalog.read(|s| s.clone());
-        volume_to_proto(v, &reports, &state)
+        let mut p = volume_to_proto(v, &reports, &state);
+        merge_attachment_reports(&mut p, &self.node.catalog.attachment_reports(v.id), &state);
+        p
     }
 
     /// Waits until the volume group shows `done` in its leader's report.
@@ -159,6 +174,40 @@ pub fn attachment_to_proto(volume: Uuid, a: &AttachmentRecord, state: &CatalogSt
     }
 }
 
+/// Adds what the attaching nodes report (device, frontend, state) to the
+/// catalog's attachments, and lists local attachments the catalog no longer
+/// has (fenced devices still present on their node).
+pub fn merge_attachment_reports(
+    p: &mut pb::Volume,
+    reports: &BTreeMap<NodeId, crate::attach::AttachmentReport>,
+    state: &CatalogState,
+) {
+    for a in &mut p.attachments {
+        if let Some(r) = reports.get(&a.node_id).filter(|r| r.generation == a.generation) {
+            a.device = r.device.clone();
+            a.frontend = r.frontend.clone();
+            a.state = r.state_line();
+        }
+    }
+    for (node, r) in reports {
+        if p.attachments.iter().any(|a| a.node_id == *node && a.generation == r.generation) {
+            continue;
+        }
+        p.attachments.push(pb::Attachment {
+            volume_id: p.id.clone(),
+            node_id: *node,
+            node_name: state.nodes.get(node).map(|n| n.name.clone()).unwrap_or_default(),
+            mode: pb::AccessMode::Unspecified as i32,
+            readonly: false,
+            generation: r.generation,
+            attached_at_unix_ms: 0,
+            device: r.device.clone(),
+            frontend: r.frontend.clone(),
+            state: r.state_line(),
+        });
+    }
+}
+
 fn role_to_proto(r: Option<ReportedRole>) -> pb::ReplicaRole {
     match r {
         Some(ReportedRole::Leader) => pb::ReplicaRole::Leader,
@@ -213,7 +262,14 @@ pub fn volume_to_proto(v: &VolumeRecord, reports: &BTreeMap<NodeId, ReplicaRepor
         replicas.push(pb::Replica {
             node_id: n,
             node_name: state.nodes.get(&n).map(|r| r.name.clone()).unwrap_or_default(),
-            role: role_to_proto(report.and_then(|r| r.role)) as i32,
+            // The leader's view of membership is authoritative; a new member
+            // learns it a moment after the leader does.
+            role: match leader_report {
+                Some(_) if Some(n) == leader_id => pb::ReplicaRole::Leader,
+                Some(l) if l.voters.contains(&n) && report.is_some() => pb::ReplicaRole::Follower,
+                Some(l) if l.learners.contains(&n) && report.is_some() => pb::ReplicaRole::Learner,
+                _ => role_to_proto(report.and_then(|r| r.role)),
+            } as i32,
             state: state_of as i32,
             rebuild_bytes_done: done,
             rebuild_bytes_total: total,
@@ -280,11 +336,66 @@ fn parse_token(t: &str) -> Option<String> {
     String::from_utf8(bytes?).ok()
 }
 
+/// How long a call keeps trying to reach the catalog leader when the one
+/// this node knows does not answer: a dead leader is replaced by an
+/// election (1-2 s), and the caller should not see it die.
+const PROXY_RETRY: Duration = Duration::from_secs(15);
+
+/// Where a call is answered: here, or already by the catalog leader.
+enum Proxied<Req, Resp> {
+    Local(Request<Req>),
+    Answered(Response<Resp>),
+}
+
+impl AdminService {
+    /// Sends `req` to the catalog leader with `call`, unless this node leads
+    /// (then the request comes back as [`Proxied::Local`]). A leader that
+    /// cannot be reached (the status was made on this side of the wire, so
+    /// it carries a source error) may just have died: the call is retried,
+    /// against whichever node leads by then, for up to [`PROXY_RETRY`].
+    /// Every proxied call is idempotent, so a retry after a reply was lost
+    /// is harmless.
+    async fn proxy<Req, Resp, Fut>(
+        &self,
+        req: Request<Req>,
+        call: impl Fn(AdminClient<Channel>, Req) -> Fut,
+    ) -> Result<Proxied<Req, Resp>, Status>
+    where
+        Req: Clone,
+        Fut: std::future::Future<Output = Result<Response<Resp>, Status>>,
+    {
+        let deadline = Instant::now() + PROXY_RETRY;
+        let msg = req.into_inner();
+        loop {
+            let leader = self.node.catalog.leader();
+            let Some(client) = self.leader_client().await? else {
+                return Ok(Proxied::Local(Request::new(msg)));
+            };
+            match call(client, msg.clone()).await {
+                Err(s) if std::error::Error::source(&s).is_some() => {
+                    if Instant::now() >= deadline {
+                        return Err(Status::unavailable(format!(
+                            "the catalog leader (node {}) does not answer: {}; retry once a new leader is elected \
+                             (volctl cluster status)",
+                            leader.unwrap_or(0),
+                            s.message()
+                        )));
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                other => return other.map(Proxied::Answered),
+            }
+        }
+    }
+}
+
 macro_rules! proxy {
     ($self:ident, $method:ident, $req:ident) => {
-        if let Some(mut c) = $self.leader_client().await? {
-            return c.$method($req).await;
-        }
+        #[allow(unused_variables)]
+        let $req = match $self.proxy($req, |mut c, r| async move { c.$method(r).await }).await? {
+            Proxied::Answered(resp) => return Ok(resp),
+            Proxied::Local(r) => r,
+        };
     };
 }
 

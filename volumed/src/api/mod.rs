@@ -2,6 +2,7 @@
 //! node-local API. Typed errors from inside become status codes here.
 
 pub mod admin;
+pub mod node_local;
 pub mod transport;
 
 use tonic::Status;

@@ -170,6 +170,11 @@ impl RaftTransport for TransportService {
     async fn heartbeat(&self, request: Request<NodeHeartbeat>) -> Result<Response<HeartbeatReply>, Status> {
         let hb = request.into_inner();
         let replicas: Vec<ReplicaReport> = decode("heartbeat status", &hb.status).map_err(bad)?;
+        let attachments = if hb.attachments.is_empty() {
+            Vec::new()
+        } else {
+            decode("heartbeat attachments", &hb.attachments).map_err(bad)?
+        };
         if self.node.catalog.is_leader() {
             self.node.catalog.record_heartbeat(
                 hb.node_id,
@@ -179,6 +184,7 @@ impl RaftTransport for TransportService {
                     disk_free_bytes: hb.disk_free_bytes,
                     crc_repairs: hb.crc_repairs,
                     replicas,
+                    attachments,
                 },
             );
         }

@@ -42,7 +42,12 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(volumed::daemon::run(config)) {
+    let result = runtime.block_on(volumed::daemon::run(config));
+    // Ending the runtime drops every task and with them the last handles of
+    // the node's RocksDB, which closes it (see `storage::Store`) before the
+    // process exits. Blocking tasks get a bounded time to finish.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(10));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");

@@ -17,8 +17,8 @@ use volumed_proto::volumed::v1::RaftMessage;
 use super::placement::{self, PlacementRequest};
 use super::state::{CatalogCommand, CatalogError, CatalogResponse, CatalogState, NodeRecord};
 use super::store::{CatalogSnapshotSource, CatalogStateMachine, CatalogTc, PersistedCatalog};
-use crate::raft::catalog_config;
-use crate::raft::network::{GroupNetworkFactory, PeerPool};
+use crate::raft::{catalog_config, CATALOG_READ_LEASE};
+use crate::raft::network::{GroupNetworkFactory, LeaderAcks, PeerPool};
 use crate::storage::keys::GroupId;
 use crate::storage::log_store::{LogStore, NodeId};
 use crate::storage::{decode, encode, Store};
@@ -58,6 +58,8 @@ pub struct NodeReport {
     pub disk_free_bytes: u64,
     pub crc_repairs: u64,
     pub replicas: Vec<ReplicaReport>,
+    /// Volumes attached on the node and their device state.
+    pub attachments: Vec<crate::attach::AttachmentReport>,
 }
 
 pub struct Catalog {
@@ -71,6 +73,8 @@ pub struct Catalog {
     /// When this node last became catalog leader: liveness counts from
     /// here for nodes it has not heard from yet.
     leader_since: Mutex<Option<Instant>>,
+    /// Followers' acknowledgements of this node's leadership (read lease).
+    acks: Arc<LeaderAcks>,
 }
 
 pub fn now_ms() -> i64 {
@@ -91,6 +95,7 @@ impl Catalog {
             CatalogStateMachine::open(store.clone()).map_err(|e| CatalogWriteError::Internal(e.to_string()))?;
         let config = catalog_config("volumed").map_err(|e| CatalogWriteError::Internal(e.to_string()))?;
         let network = GroupNetworkFactory::<CatalogTc>::new(GroupId::CATALOG, pool.clone(), Arc::new(CatalogSnapshotSource));
+        let acks = network.acks();
         let log = LogStore::<CatalogTc>::new(store, GroupId::CATALOG);
         let raft = Raft::new(node_id, config, network, log, sm)
             .await
@@ -104,6 +109,7 @@ impl Catalog {
             liveness,
             reports: Mutex::new(HashMap::new()),
             leader_since: Mutex::new(None),
+            acks,
         });
         catalog.refresh_peer_addrs();
         Ok(catalog)
@@ -131,6 +137,26 @@ impl Catalog {
 
     pub fn is_leader(&self) -> bool {
         self.raft.metrics().borrow().state == ServerState::Leader
+    }
+
+    /// Whether this node still leads the catalog, so that it may answer
+    /// reads from its own state and reports. A leader that was cut off or
+    /// frozen still believes it leads until it hears of the next term, and
+    /// would meanwhile answer with a stale view (a volume leader that is
+    /// long gone, say). So: a quorum acknowledged it within the read lease,
+    /// or it gets one now.
+    pub async fn confirm_leader(&self) -> bool {
+        let m = self.raft.metrics().borrow().clone();
+        if m.state != ServerState::Leader {
+            return false;
+        }
+        // Acknowledgements timed here, not the metrics' (see `LeaderAcks`):
+        // those are as old as the last report, which a frozen node missed.
+        let voters: Vec<NodeId> = m.membership_config.membership().voter_ids().collect();
+        if voters.len() <= 1 || self.acks.quorum_within(self.node_id, &m.vote, &voters, CATALOG_READ_LEASE) {
+            return true;
+        }
+        matches!(tokio::time::timeout(Duration::from_secs(2), self.raft.ensure_linearizable()).await, Ok(Ok(_)))
     }
 
     /// Teaches the peer pool every node's current address.
@@ -235,6 +261,16 @@ impl Catalog {
         m.iter()
             .filter(|(_, r)| r.at.elapsed() < fresh)
             .filter_map(|(n, r)| r.replicas.iter().find(|x| x.volume == volume).map(|x| (*n, x.clone())))
+            .collect()
+    }
+
+    /// Fresh reports of nodes that have `volume` attached, by node.
+    pub fn attachment_reports(&self, volume: Uuid) -> BTreeMap<NodeId, crate::attach::AttachmentReport> {
+        let Ok(m) = self.reports.lock() else { return BTreeMap::new() };
+        let fresh = self.liveness.suspect_after;
+        m.iter()
+            .filter(|(_, r)| r.at.elapsed() < fresh)
+            .filter_map(|(n, r)| r.attachments.iter().find(|a| a.volume == volume).map(|a| (*n, a.clone())))
             .collect()
     }
 

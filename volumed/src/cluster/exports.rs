@@ -6,7 +6,8 @@
 //!   Without one, a connection writes only while no attachment holds the
 //!   volume for writing (admin use: `nbdcopy`, `qemu-img`).
 //! - `#fwd`: set by a volumed forwarding to another; such a connection is
-//!   never forwarded again, so forwarding cannot loop while leadership moves.
+//!   never forwarded again, so forwarding cannot loop while leadership moves,
+//!   and only the volume's current leader accepts it.
 //!
 //! A request is served by the local replica when it leads, and otherwise
 //! forwarded over a reconnecting NBD client to the current leader — so a
@@ -99,6 +100,18 @@ impl ExportResolver for Exports {
                 .catalog
                 .read(|s| s.volume_by_id_or_name(&parsed.volume).cloned())
                 .ok_or_else(|| OpenError::Unknown(name.clone()))?;
+            // A forwarded connection is only of use on the leader (it is
+            // never forwarded again). Refusing it elsewhere makes the
+            // forwarding client try its next endpoint; accepting it would
+            // let the client settle on a follower that answers every
+            // request with ESHUTDOWN, reconnect to it, and loop.
+            if parsed.forwarded && !node.replica(GroupId(rec.id)).is_some_and(|r| r.is_leader()) {
+                return Err(OpenError::Unavailable(format!(
+                    "node {} does not lead volume {} right now",
+                    node.node_id(),
+                    rec.id
+                )));
+            }
             let readonly = match parsed.generation {
                 Some(g) if g < rec.fence_floor => {
                     return Err(OpenError::Policy(format!(
@@ -143,7 +156,11 @@ impl EndpointSource for LeaderEndpoints {
                 (placement, addrs)
             });
             let mut order: Vec<u64> = Vec::new();
-            if let Some(l) = leader.filter(|l| *l != me) {
+            // When this node has become the leader since the connection
+            // started forwarding, the forwarded requests come back here
+            // (as `#fwd`, so they are served locally): leaving it out would
+            // keep them bouncing off followers that refuse them.
+            if let Some(l) = leader {
                 order.push(l);
             }
             order.extend(placement.into_iter().filter(|n| *n != me && Some(*n) != leader));

@@ -18,8 +18,12 @@ pub fn collect(node: &NodeRuntime) -> NodeReport {
     let replicas: Vec<ReplicaReport> = node.local_replicas().iter().map(|r| r.report()).collect();
     let crc_repairs = node.local_replicas().iter().map(|r| r.counters.crc_repairs.load(Ordering::Relaxed)).sum();
     let disk_free_bytes = super::disk::fs_stats(&node.config.data_dir).map(|s| s.free).unwrap_or(0);
-    NodeReport { at: Instant::now(), capacity_bytes: node.capacity_bytes, disk_free_bytes, crc_repairs, replicas }
+    let attachments = node.local_attachments.read().map(|a| a.clone()).unwrap_or_default();
+    NodeReport { at: Instant::now(), capacity_bytes: node.capacity_bytes, disk_free_bytes, crc_repairs, replicas, attachments }
 }
+
+/// Report period while a snapshot transfer runs here.
+const REBUILD_REPORT_PERIOD: Duration = Duration::from_millis(250);
 
 pub async fn run(node: Arc<NodeRuntime>) {
     let mut shutdown = node.shutdown.subscribe();
@@ -31,9 +35,16 @@ pub async fn run(node: Arc<NodeRuntime>) {
                 super::replicas::rebuild_failed(&node, group, why).await;
             }
         }
+        // While this node streams a replica to another, report more often
+        // so the rebuild's progress shows (GetVolume reads these reports).
+        let period = if report.replicas.iter().any(|r| !r.transfers.is_empty()) {
+            REBUILD_REPORT_PERIOD.min(node.catalog.liveness().heartbeat)
+        } else {
+            node.catalog.liveness().heartbeat
+        };
         send(&node, report).await;
         tokio::select! {
-            _ = tokio::time::sleep(node.catalog.liveness().heartbeat) => {}
+            _ = tokio::time::sleep(period) => {}
             _ = node.report_now.notified() => {
                 // Coalesce bursts of changes.
                 tokio::time::sleep(Duration::from_millis(20)).await;
@@ -57,6 +68,17 @@ async fn send(node: &NodeRuntime, report: NodeReport) {
             return;
         }
     };
+    let attachments = if report.attachments.is_empty() {
+        Vec::new()
+    } else {
+        match encode(&report.attachments) {
+            Ok(a) => a,
+            Err(e) => {
+                debug!(error = %e, "encode attachment reports");
+                Vec::new()
+            }
+        }
+    };
     let Ok(mut client) = node.pool.client(leader, None) else { return };
     let mut req = tonic::Request::new(NodeHeartbeat {
         node_id: me,
@@ -64,6 +86,7 @@ async fn send(node: &NodeRuntime, report: NodeReport) {
         disk_free_bytes: report.disk_free_bytes,
         crc_repairs: report.crc_repairs,
         status: status.into(),
+        attachments: attachments.into(),
     });
     req.set_timeout(Duration::from_secs(2));
     if let Err(e) = client.heartbeat(req).await {

@@ -89,6 +89,9 @@ pub struct NodeRuntime {
     pub report_now: Notify,
     pub shutdown: watch::Sender<bool>,
     pub capacity_bytes: u64,
+    /// States of the volumes attached here, for the heartbeat (kept by
+    /// the attachment manager).
+    pub local_attachments: RwLock<Vec<crate::attach::AttachmentReport>>,
 }
 
 impl NodeRuntime {
@@ -128,6 +131,7 @@ impl NodeRuntime {
             report_now: Notify::new(),
             shutdown,
             capacity_bytes,
+            local_attachments: RwLock::new(Vec::new()),
         }))
     }
 

@@ -21,6 +21,7 @@ use super::node::NodeRuntime;
 use crate::catalog::state::VolumeRecord;
 use crate::storage::keys::GroupId;
 use crate::volume::command::VolumeCommand;
+use crate::volume::qos::QosLimits;
 use crate::volume::replica::VolumeReplica;
 
 pub async fn run(node: Arc<NodeRuntime>) {
@@ -28,6 +29,17 @@ pub async fn run(node: Arc<NodeRuntime>) {
     let mut shutdown = node.shutdown.subscribe();
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    // Replicas found on disk at startup. Those no longer placed here are
+    // started anyway, so the checks below drop them the safe way; without
+    // this a copy left behind while the node was down (its replica moved
+    // elsewhere meanwhile) would never be started, and never deleted.
+    let mut leftovers = match node.store.stored_groups() {
+        Ok(g) => g,
+        Err(e) => {
+            error!(error = %e, "cannot list the replicas stored on this node");
+            Vec::new()
+        }
+    };
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -35,6 +47,30 @@ pub async fn run(node: Arc<NodeRuntime>) {
             _ = shutdown.changed() => return,
         }
         reconcile(&node).await;
+        if !leftovers.is_empty() {
+            adopt_leftovers(&node, &mut leftovers).await;
+        }
+    }
+}
+
+/// Starts stored replicas that are not placed here (the removal checks in
+/// `reconcile` then drop them once the group no longer counts this node),
+/// and deletes those of volumes the catalog no longer has. The local
+/// catalog only moves forward, and a replica gets data only after it showed
+/// the placement here: a volume absent from it was deleted.
+async fn adopt_leftovers(node: &Arc<NodeRuntime>, leftovers: &mut Vec<GroupId>) {
+    for group in std::mem::take(leftovers) {
+        if node.replica(group).is_some() {
+            continue;
+        }
+        if node.catalog.read(|s| s.volumes.contains_key(&group.0)) {
+            info!(volume = %group, "starting a replica found on disk that is no longer placed here");
+            if start_replica(node, group).await.is_none() {
+                leftovers.push(group);
+            }
+        } else {
+            drop_replica(node, group, "volume deleted while this node was away").await;
+        }
     }
 }
 
@@ -82,6 +118,16 @@ async fn reconcile(node: &Arc<NodeRuntime>) {
         if placed_here {
             continue;
         }
+        // A leader that is being replaced (its node was removed or its
+        // replica moved) must itself drive the group to the new placement:
+        // only the leader can change membership, and it stays leader until
+        // the change removes it.
+        if replica.is_leader() {
+            if let Some(v) = volumes.iter().find(|v| v.id == group.0) {
+                lead(node, &replica, v).await;
+                continue;
+            }
+        }
         let deleted = !known.contains(&group);
         let removed_from_group = !replica.members().contains(&me) && replica.applied_index() > 0;
         if deleted || removed_from_group || group_dropped_us(node, &replica).await {
@@ -110,6 +156,7 @@ async fn start_replica(node: &Arc<NodeRuntime>, group: GroupId) -> Option<Arc<Vo
 
 /// Leader duties: bring the group in line with the catalog record.
 async fn lead(node: &Arc<NodeRuntime>, replica: &Arc<VolumeReplica>, v: &VolumeRecord) {
+    replica.qos.set(QosLimits::from_parameters(&v.parameters));
     if replica.size() < v.size_bytes {
         info!(volume = %replica.id, from = replica.size(), to = v.size_bytes, "resizing");
         if let Err(e) = replica.write_command(VolumeCommand::Resize { size_bytes: v.size_bytes }).await {

@@ -34,18 +34,27 @@ pub fn catalog_config(cluster: &str) -> Result<Arc<Config>, openraft::ConfigErro
 pub fn volume_config(volume: &str) -> Result<Arc<Config>, openraft::ConfigError> {
     let cfg = Config {
         cluster_name: format!("volume-{volume}"),
+        // openraft's followers refuse votes for `election_timeout_max` after
+        // the last heartbeat (the leader lease), so after a leader dies the
+        // first candidate is usually refused and a second round elects:
+        // the pause is roughly 1–2 × the maximum. 800 ms keeps it well
+        // inside the 5 s failover bound, and 400 ms is still 4 missed
+        // heartbeats, above scheduling noise on a busy 2-core machine.
         heartbeat_interval: 100,
-        election_timeout_min: 600,
-        election_timeout_max: 1200,
+        election_timeout_min: 400,
+        election_timeout_max: 800,
         // A Raft snapshot of a volume pins an index instead of copying data
         // (see volume::blocks), so taking one is cheap; what it costs is the
         // old block versions it keeps alive until the next one.
         snapshot_policy: SnapshotPolicy::LogsSinceLast(20_000),
         max_in_snapshot_log_to_keep: 2_000,
         purge_batch_size: 1024,
-        // Entries carry up to 1 MiB of block data each: bound one
-        // AppendEntries to ~16 MiB.
-        max_payload_entries: 16,
+        // openraft cancels an AppendEntries after one heartbeat interval
+        // whatever deadline the network sets (replication/mod.rs), so a
+        // batch must be sendable and storable well within 100 ms: entries
+        // carry up to 1 MiB each, so at most 8 MiB per message. At queue
+        // depth 32 about 8 entries are in flight anyway.
+        max_payload_entries: 8,
         install_snapshot_timeout: 30_000,
         ..Default::default()
     };
@@ -57,7 +66,11 @@ pub fn volume_config(volume: &str) -> Result<Arc<Config>, openraft::ConfigError>
 /// leader that got a quorum acknowledgement less than this long ago is still
 /// the only leader. Half the minimum election timeout leaves room for clock
 /// drift and scheduling delay.
-pub const VOLUME_READ_LEASE: Duration = Duration::from_millis(300);
+pub const VOLUME_READ_LEASE: Duration = Duration::from_millis(200);
+
+/// Lease of the catalog leader for answering reads from its own state (see
+/// `Catalog::confirm_leader`): half the catalog's minimum election timeout.
+pub const CATALOG_READ_LEASE: Duration = Duration::from_millis(500);
 
 /// Role of this node in a group, derived from openraft metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -8,8 +8,8 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::stream::BoxStream;
@@ -184,15 +184,58 @@ fn snapshot_stream(
     tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
+/// When each follower last acknowledged this node as its leader: the send
+/// time of the latest AppendEntries (heartbeats included) it accepted, with
+/// the vote the request carried. Lease reads are judged from these rather
+/// than from openraft's `millis_since_quorum_ack`, which is only as fresh
+/// as the last metrics report: a leader frozen (SIGSTOP, a long stall) and
+/// thawed after others elected a new one would still see a recent
+/// acknowledgement there and serve a stale read. Send times are taken
+/// before a request leaves, so a lease derived from them errs on the short
+/// side only.
+#[derive(Debug, Default)]
+pub struct LeaderAcks {
+    acks: Mutex<HashMap<NodeId, (Vote<NodeId>, Instant)>>,
+}
+
+impl LeaderAcks {
+    fn record(&self, target: NodeId, vote: Vote<NodeId>, sent: Instant) {
+        let mut acks = self.acks.lock().unwrap_or_else(|p| p.into_inner());
+        match acks.get(&target) {
+            Some((v, t)) if *v == vote && *t >= sent => {}
+            _ => {
+                acks.insert(target, (vote, sent));
+            }
+        }
+    }
+
+    /// Whether a majority of `voters` (`me` counting for itself)
+    /// acknowledged `vote` less than `lease` ago.
+    pub fn quorum_within(&self, me: NodeId, vote: &Vote<NodeId>, voters: &[NodeId], lease: Duration) -> bool {
+        let acks = self.acks.lock().unwrap_or_else(|p| p.into_inner());
+        let fresh = voters
+            .iter()
+            .filter(|n| **n == me || acks.get(n).is_some_and(|(v, t)| v == vote && t.elapsed() < lease))
+            .count();
+        fresh > voters.len() / 2
+    }
+}
+
 pub struct GroupNetworkFactory<C: GroupTypeConfig> {
     group: GroupId,
     pool: Arc<PeerPool>,
     snapshots: Arc<dyn SnapshotSource<C>>,
+    acks: Arc<LeaderAcks>,
 }
 
 impl<C: GroupTypeConfig> GroupNetworkFactory<C> {
     pub fn new(group: GroupId, pool: Arc<PeerPool>, snapshots: Arc<dyn SnapshotSource<C>>) -> Self {
-        GroupNetworkFactory { group, pool, snapshots }
+        GroupNetworkFactory { group, pool, snapshots, acks: Arc::new(LeaderAcks::default()) }
+    }
+
+    /// The acknowledgements this group's replication records (for leases).
+    pub fn acks(&self) -> Arc<LeaderAcks> {
+        self.acks.clone()
     }
 }
 
@@ -206,6 +249,7 @@ impl<C: GroupTypeConfig> RaftNetworkFactory<C> for GroupNetworkFactory<C> {
             fallback_addr: node.addr.clone(),
             pool: self.pool.clone(),
             snapshots: self.snapshots.clone(),
+            acks: self.acks.clone(),
         }
     }
 }
@@ -216,6 +260,7 @@ pub struct GroupNetwork<C: GroupTypeConfig> {
     fallback_addr: String,
     pool: Arc<PeerPool>,
     snapshots: Arc<dyn SnapshotSource<C>>,
+    acks: Arc<LeaderAcks>,
 }
 
 fn to_rpc_error<E: std::error::Error>(e: PeerError) -> RPCError<NodeId, BasicNode, E> {
@@ -267,7 +312,16 @@ impl<C: GroupTypeConfig> RaftNetwork<C> for GroupNetwork<C> {
         rpc: AppendEntriesRequest<C>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        self.call(&rpc, &option, false).await
+        let (vote, sent) = (rpc.vote.clone(), Instant::now());
+        let res = self.call(&rpc, &option, false).await;
+        // Anything but a higher vote means the target accepted our
+        // leadership (a log conflict included).
+        if let Ok(r) = &res {
+            if !matches!(r, AppendEntriesResponse::HigherVote(_)) {
+                self.acks.record(self.target, vote, sent);
+            }
+        }
+        res
     }
 
     #[allow(deprecated)]

@@ -50,10 +50,33 @@ struct SyncJob {
 }
 
 /// One RocksDB per node.
+///
+/// Dropping the last `Arc<Store>` closes the database before the drop
+/// returns (the syncer thread is stopped and joined first): a process that
+/// exits with RocksDB still open races its background threads against
+/// static destructors and can abort ("pthread lock: Invalid argument")
+/// after an otherwise clean shutdown.
 pub struct Store {
     db: Arc<DB>,
     path: PathBuf,
-    sync_tx: mpsc::Sender<SyncJob>,
+    sync_tx: Option<mpsc::Sender<SyncJob>>,
+    syncer: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        // Closing the channel ends the syncer loop; it then drops its
+        // handle of the database, leaving ours as the last one.
+        self.sync_tx = None;
+        if let Some(t) = self.syncer.take() {
+            // (A sync callback never owns the store, but joining our own
+            // thread would deadlock if one ever did.)
+            if t.thread().id() != std::thread::current().id() {
+                let _ = t.join();
+            }
+        }
+        tracing::info!(path = %self.path.display(), "database closed");
+    }
 }
 
 impl std::fmt::Debug for Store {
@@ -107,11 +130,11 @@ impl Store {
         let db = Arc::new(db);
         let (sync_tx, sync_rx) = mpsc::channel::<SyncJob>();
         let sync_db = db.clone();
-        std::thread::Builder::new()
+        let syncer = std::thread::Builder::new()
             .name("wal-sync".into())
             .spawn(move || syncer_loop(sync_db, sync_rx))
             .map_err(|e| StoreError::Sync(e.to_string()))?;
-        Ok(Arc::new(Store { db, path, sync_tx }))
+        Ok(Arc::new(Store { db, path, sync_tx: Some(sync_tx), syncer: Some(syncer) }))
     }
 
     pub fn db(&self) -> &DB {
@@ -146,7 +169,12 @@ impl Store {
     /// before this call is durable when `needs_sync`, or simply in order with
     /// earlier queued jobs otherwise.
     pub fn after_sync(&self, needs_sync: bool, done: SyncCallback) {
-        if let Err(mpsc::SendError(job)) = self.sync_tx.send(SyncJob { needs_sync, done }) {
+        let job = SyncJob { needs_sync, done };
+        let unsent = match &self.sync_tx {
+            Some(tx) => tx.send(job).err().map(|mpsc::SendError(job)| job),
+            None => Some(job),
+        };
+        if let Some(job) = unsent {
             (job.done)(Err(std::io::Error::other("wal syncer stopped")));
         }
     }
@@ -160,6 +188,29 @@ impl Store {
             batch.delete_range_cf(&cf, &start, &end);
         }
         self.write_sync(batch)
+    }
+
+    /// Volume groups with any Raft log, Raft state or state-machine record
+    /// in this database (never the catalog): every replica this node ever
+    /// hosted and has not dropped.
+    pub fn stored_groups(&self) -> Result<Vec<GroupId>, StoreError> {
+        let mut found = std::collections::BTreeSet::new();
+        for name in [CF_RAFT_LOG, CF_RAFT_STATE, CF_SM] {
+            let cf = self.cf(name)?;
+            let mut from: Vec<u8> = Vec::new();
+            // One seek per group: the log of a group can be long.
+            loop {
+                let mut it = self.db.iterator_cf(&cf, rocksdb::IteratorMode::From(&from, rocksdb::Direction::Forward));
+                let Some(item) = it.next() else { break };
+                let (k, _) = item?;
+                let Some(group) = k.get(..16).and_then(GroupId::from_slice) else { break };
+                if !group.is_catalog() {
+                    found.insert(group);
+                }
+                from = keys::group_range(group).1;
+            }
+        }
+        Ok(found.into_iter().collect())
     }
 
     /// Bytes of live data on disk (SST files + memtables), for capacity reports.
@@ -212,4 +263,41 @@ pub fn decode<T: serde::de::DeserializeOwned>(what: &str, bytes: &[u8]) -> Resul
     bincode::serde::decode_from_slice(bytes, codec())
         .map(|(v, _)| v)
         .map_err(|e| StoreError::Corrupt { what: what.to_string(), detail: e.to_string() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stored_groups_lists_volume_groups_once_and_never_the_catalog() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let a = GroupId(uuid::Uuid::from_bytes([1; 16]));
+        let b = GroupId(uuid::Uuid::from_bytes([2; 16]));
+        let mut batch = WriteBatch::default();
+        for i in 0..5 {
+            batch.put_cf(store.cf(CF_RAFT_LOG).unwrap(), keys::log_key(a, i), b"entry");
+        }
+        batch.put_cf(store.cf(CF_RAFT_STATE).unwrap(), keys::raft_state_key(a, keys::RaftStateTag::Vote), b"vote");
+        batch.put_cf(store.cf(CF_SM).unwrap(), keys::sm_key(b, keys::SmTag::Applied), b"applied");
+        batch.put_cf(store.cf(CF_SM).unwrap(), keys::sm_key(GroupId::CATALOG, keys::SmTag::Catalog), b"catalog");
+        store.write(batch).unwrap();
+        assert_eq!(store.stored_groups().unwrap(), vec![a, b]);
+        store.delete_group(a).unwrap();
+        assert_eq!(store.stored_groups().unwrap(), vec![b]);
+    }
+
+    #[test]
+    fn dropping_the_store_closes_the_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        store.after_sync(true, Box::new(move |r| tx.send(r.is_ok()).unwrap()));
+        assert!(rx.recv().unwrap());
+        drop(store);
+        // RocksDB refuses a second open of a database this process holds.
+        let again = Store::open(dir.path()).expect("the first store released the database");
+        drop(again);
+    }
 }

@@ -10,7 +10,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -26,9 +26,10 @@ use volumed_proto::volumed::v1::FetchBlockRequest;
 
 use super::blocks::{decode_value, encode_value, BlockReadError, BlockStore, Stored, BS};
 use super::command::{IoKind, IoOp, OpResult, VolumeCommand, VolumeTc, BLOCK_SIZE, MAX_ENTRY_BYTES};
+use super::qos::{Direction, Qos};
 use super::snapshot::{TransferProgress, VolumeSnapshotSource};
 use super::state_machine::{lock, BlockFetcher, ReplicaCounters, SmShared, VolumeStateMachine};
-use crate::raft::network::{GroupNetworkFactory, PeerPool};
+use crate::raft::network::{GroupNetworkFactory, LeaderAcks, PeerPool};
 use crate::raft::{role_of, volume_config, Role, VOLUME_READ_LEASE};
 use crate::storage::keys::GroupId;
 use crate::storage::log_store::{LogStore, NodeId};
@@ -123,6 +124,14 @@ pub struct VolumeReplica {
     proposals: mpsc::Sender<Proposal>,
     pool: Arc<PeerPool>,
     pub snap_dir: PathBuf,
+    /// I/O limits from the volume's `qos.*` parameters (set by the replica
+    /// manager while this replica leads).
+    pub qos: Qos,
+    /// Rounds spent compacting the log before adding a new member (see
+    /// `log_compacted_for_new_member`).
+    compaction_rounds: AtomicU32,
+    /// Followers' acknowledgements of this node's leadership (read lease).
+    acks: Arc<LeaderAcks>,
 }
 
 /// Fetches block copies from the other members of the group.
@@ -213,6 +222,7 @@ impl VolumeReplica {
         let progress = Arc::new(TransferProgress::default());
         let source = Arc::new(VolumeSnapshotSource { blocks: blocks.clone(), shared: shared.clone(), progress: progress.clone() });
         let network = GroupNetworkFactory::<VolumeTc>::new(id, ctx.pool.clone(), source);
+        let acks = network.acks();
         let config = volume_config(&id.to_string()).map_err(|e| ReplicaError::Raft { volume: id, detail: e.to_string() })?;
         let log = LogStore::<VolumeTc>::new(ctx.store.clone(), id);
         let raft = Raft::new(ctx.node_id, config, network, log, sm)
@@ -231,6 +241,9 @@ impl VolumeReplica {
             proposals: tx,
             pool: ctx.pool.clone(),
             snap_dir: ctx.snap_dir.clone(),
+            qos: Qos::default(),
+            compaction_rounds: AtomicU32::new(0),
+            acks,
         });
         tokio::spawn(run_proposer(raft, rx).instrument(tracing::info_span!("proposer", volume = %id)));
         Ok(replica)
@@ -282,8 +295,10 @@ impl VolumeReplica {
         if m.last_applied.map(|l| l.leader_id.term) != Some(m.current_term) {
             return false;
         }
-        let voters = m.membership_config.membership().voter_ids().count();
-        voters <= 1 || m.millis_since_quorum_ack.is_some_and(|ms| ms < VOLUME_READ_LEASE.as_millis() as u64)
+        // The lease counts from acknowledgements timed here, not from the
+        // metrics' `millis_since_quorum_ack` (see `LeaderAcks`).
+        let voters: Vec<NodeId> = m.membership_config.membership().voter_ids().collect();
+        voters.len() <= 1 || self.acks.quorum_within(self.node_id, &m.vote, &voters, VOLUME_READ_LEASE)
     }
 
     async fn ensure_readable(&self) -> Result<(), BlockError> {
@@ -301,6 +316,7 @@ impl VolumeReplica {
             return Err(BlockError::Invalid(format!("read length {len}")));
         }
         self.ensure_readable().await?;
+        self.qos.acquire(Direction::Read, len as u64).await;
         let end = offset.checked_add(len as u64).ok_or(BlockError::OutOfRange)?;
         if end > self.size() {
             return Err(BlockError::OutOfRange);
@@ -347,6 +363,12 @@ impl VolumeReplica {
         if !self.is_leader() {
             return Err(unavailable(format!("node {} does not lead volume {}", self.node_id, self.id)));
         }
+        let bytes = match &kind {
+            IoKind::Write { data, .. } => data.len() as u64,
+            // Zeroing stores nothing: it counts as one operation.
+            IoKind::Zero { .. } => 0,
+        };
+        self.qos.acquire(Direction::Write, bytes).await;
         let ops: Vec<IoOp> = match kind {
             IoKind::Write { offset, data } if data.len() > MAX_ENTRY_BYTES => {
                 let mut ops = Vec::new();
@@ -499,6 +521,9 @@ impl VolumeReplica {
         let want: BTreeSet<NodeId> = desired.keys().copied().collect();
         for (id, node) in desired {
             if !nodes.contains(id) {
+                if !self.log_compacted_for_new_member(&m).await {
+                    return;
+                }
                 info!(volume = %self.id, node = id, "adding replica as learner");
                 if let Err(e) = self.raft.add_learner(*id, node.clone(), false).await {
                     debug!(volume = %self.id, node = id, error = %e, "add learner");
@@ -532,6 +557,41 @@ impl VolumeReplica {
                 debug!(volume = %self.id, error = %e, "remove learners");
             }
         }
+    }
+
+    /// Whether a new member joining now is filled from a snapshot: the
+    /// block versions of one recent index, streamed with progress reported
+    /// (see `snapshot`). Otherwise openraft would replay the log to it from
+    /// the first entry still stored — every overwritten version since the
+    /// volume was created, with no progress to show. Until then this builds
+    /// a snapshot (cheap: it pins an index) and purges the log up to it;
+    /// the caller asks again on its next round. Under a write rate that
+    /// outruns this, it gives up after a few seconds: replaying the log is
+    /// slower, but correct.
+    async fn log_compacted_for_new_member(&self, m: &openraft::RaftMetrics<NodeId, BasicNode>) -> bool {
+        /// Entries (up to 1 MiB each) a new member may replay after the snapshot.
+        const REPLAY_SLACK: u64 = 16;
+        const MAX_ROUNDS: u32 = 20;
+        let applied = m.last_applied.map(|l| l.index).unwrap_or(0);
+        let snapshot = m.snapshot.map(|l| l.index).unwrap_or(0);
+        let purged = m.purged.map(|l| l.index).unwrap_or(0);
+        let rounds = self.compaction_rounds.fetch_add(1, Ordering::Relaxed);
+        if purged + REPLAY_SLACK >= applied || rounds >= MAX_ROUNDS {
+            self.compaction_rounds.store(0, Ordering::Relaxed);
+            return true;
+        }
+        if snapshot + REPLAY_SLACK < applied {
+            info!(volume = %self.id, applied, snapshot, "taking a snapshot for a new replica");
+            if let Err(e) = self.raft.trigger().snapshot().await {
+                warn!(volume = %self.id, error = %e, "trigger snapshot");
+            }
+            return false;
+        }
+        info!(volume = %self.id, purged, snapshot, "purging the log up to the snapshot for a new replica");
+        if let Err(e) = self.raft.trigger().purge_log(snapshot).await {
+            warn!(volume = %self.id, error = %e, "trigger log purge");
+        }
+        false
     }
 
     pub fn shared(&self) -> &Arc<Mutex<SmShared>> {

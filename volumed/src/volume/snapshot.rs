@@ -124,6 +124,10 @@ impl SnapshotSource<VolumeTc> for VolumeSnapshotSource {
                     progress.set(target, sent, total);
                     tx.blocking_send(Ok(chunk)).is_ok()
                 });
+                // The transfer is over either way: a progress entry left
+                // behind would show the target as rebuilding forever (and
+                // keep the catalog from closing the rebuild).
+                progress.clear(target);
                 match result {
                     Ok(sent) => info!(volume = %group, target, index, bytes = sent, "snapshot sent"),
                     Err(e) => {
