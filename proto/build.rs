@@ -25,10 +25,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     println!("cargo:rerun-if-changed=proto");
     let fds = protox::compile(&files, [&root])?;
-    tonic_prost_build::configure()
-        .build_server(true)
-        .build_client(true)
-        .bytes(".volumed.v1")
-        .compile_fds(fds)?;
+    tonic_prost_build::configure().build_server(true).build_client(true).bytes(".volumed.v1").compile_fds(fds)?;
     Ok(())
 }

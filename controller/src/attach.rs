@@ -9,12 +9,10 @@ use volumed_csi::params::publish;
 use volumed_csi::proto::{self as csi};
 use volumed_proto::volumed::v1 as vd;
 
-use crate::service::{parse_node_id, stored_spec, ControllerService};
+use crate::service::{parse_node_id, publications, stored_spec, ControllerService};
 
 fn publish_context(a: &vd::Attachment) -> HashMap<String, String> {
-    let mode = vd::AccessMode::try_from(a.mode)
-        .map(|m| m.as_str_name().to_string())
-        .unwrap_or_default();
+    let mode = vd::AccessMode::try_from(a.mode).map(|m| m.as_str_name().to_string()).unwrap_or_default();
     [
         (publish::GENERATION, a.generation.to_string()),
         (publish::NODE_ID, a.node_id.to_string()),
@@ -27,9 +25,7 @@ fn publish_context(a: &vd::Attachment) -> HashMap<String, String> {
 }
 
 fn mode_name(m: i32) -> &'static str {
-    vd::AccessMode::try_from(m)
-        .map(|m| m.as_str_name())
-        .unwrap_or("UNKNOWN")
+    vd::AccessMode::try_from(m).map(|m| m.as_str_name()).unwrap_or("UNKNOWN")
 }
 
 impl ControllerService {
@@ -47,10 +43,7 @@ impl ControllerService {
         let id = req.volume_id.as_str();
         let v = self.existing_volume(id).await?;
         let node_id = parse_node_id(&req.node_id).ok_or_else(|| {
-            CsiError::NotFound(format!(
-                "node {} does not exist (node ids are volumed node numbers)",
-                req.node_id
-            ))
+            CsiError::NotFound(format!("node {} does not exist (node ids are volumed node numbers)", req.node_id))
         })?;
         let nodes = self.nodes().await?;
         let node = nodes
@@ -58,22 +51,17 @@ impl ControllerService {
             .find(|n| n.node_id == node_id)
             .ok_or_else(|| CsiError::NotFound(format!("node {node_id} is not a volumed node")))?;
         if vd::NodeState::try_from(node.state) == Ok(vd::NodeState::Removed) {
-            return Err(CsiError::NotFound(format!(
-                "node {node_id} was removed from the cluster"
-            )));
+            return Err(CsiError::NotFound(format!("node {node_id} was removed from the cluster")));
         }
         let ctx = format!("volume {id}, node {node_id}");
         let spec = stored_spec(&v);
-        access::check_supported(&cap, spec.kind)
-            .map_err(|e| CsiError::InvalidArgument(format!("{ctx}: {e}")))?;
+        access::check_supported(&cap, spec.kind).map_err(|e| CsiError::InvalidArgument(format!("{ctx}: {e}")))?;
         let mode = access::to_volumed_mode(cap.mode);
 
         // Idempotent when already published here the same way.
-        if let Some(a) = v.attachments.iter().find(|a| a.node_id == node_id) {
+        if let Some(a) = publications(&v).find(|a| a.node_id == node_id) {
             if a.readonly == req.readonly && a.mode == mode as i32 {
-                return Ok(csi::ControllerPublishVolumeResponse {
-                    publish_context: publish_context(a),
-                });
+                return Ok(csi::ControllerPublishVolumeResponse { publish_context: publish_context(a) });
             }
             return Err(CsiError::AlreadyExists(format!(
                 "{ctx}: already published with readonly={} mode={}, now asked readonly={} mode={}",
@@ -83,17 +71,9 @@ impl ControllerService {
                 mode.as_str_name()
             )));
         }
-        let others: Vec<&vd::Attachment> = v
-            .attachments
-            .iter()
-            .filter(|a| a.node_id != node_id)
-            .collect();
+        let others: Vec<&vd::Attachment> = publications(&v).filter(|a| a.node_id != node_id).collect();
         if !others.is_empty() {
-            let list = others
-                .iter()
-                .map(|a| a.node_id.to_string())
-                .collect::<Vec<_>>()
-                .join(", ");
+            let list = others.iter().map(|a| a.node_id.to_string()).collect::<Vec<_>>().join(", ");
             if !access::is_multi_node(cap.mode) {
                 return Err(CsiError::FailedPrecondition(format!(
                     "{ctx}: volume is {} and already published to node {list}; unpublish it there first",
@@ -113,12 +93,8 @@ impl ControllerService {
             }
         }
         if node.max_volumes > 0 {
-            let attached = self
-                .all_volumes()
-                .await?
-                .iter()
-                .filter(|vol| vol.attachments.iter().any(|a| a.node_id == node_id))
-                .count();
+            let attached =
+                self.all_volumes().await?.iter().filter(|vol| publications(vol).any(|a| a.node_id == node_id)).count();
             if attached >= node.max_volumes as usize {
                 return Err(CsiError::ResourceExhausted(format!(
                     "{ctx}: node already has {attached} volume(s) published, its limit is {}",
@@ -142,9 +118,7 @@ impl ControllerService {
             .await
             .map_err(|s| from_volumed(s, &ctx))?;
         tracing::info!(node_id, generation = a.generation, "volume published");
-        Ok(csi::ControllerPublishVolumeResponse {
-            publish_context: publish_context(&a),
-        })
+        Ok(csi::ControllerPublishVolumeResponse { publish_context: publish_context(&a) })
     }
 
     pub(crate) async fn unpublish(
@@ -168,13 +142,10 @@ impl ControllerService {
         let Some(v) = self.volume_by_id(id).await? else {
             return Ok(csi::ControllerUnpublishVolumeResponse {});
         };
-        if node_id != 0 && !v.attachments.iter().any(|a| a.node_id == node_id) {
+        if node_id != 0 && !publications(&v).any(|a| a.node_id == node_id) {
             return Ok(csi::ControllerUnpublishVolumeResponse {});
         }
-        let ureq = vd::UnpublishVolumeRequest {
-            id_or_name: id.to_string(),
-            node_id,
-        };
+        let ureq = vd::UnpublishVolumeRequest { id_or_name: id.to_string(), node_id };
         match self
             .volumed
             .call("UnpublishVolume", |mut c| {
@@ -184,13 +155,8 @@ impl ControllerService {
             .await
         {
             Ok(_) => Ok(csi::ControllerUnpublishVolumeResponse {}),
-            Err(s) if s.code() == tonic::Code::NotFound => {
-                Ok(csi::ControllerUnpublishVolumeResponse {})
-            }
-            Err(s) => Err(from_volumed(
-                s,
-                format!("volume {id}, node {}", req.node_id),
-            )),
+            Err(s) if s.code() == tonic::Code::NotFound => Ok(csi::ControllerUnpublishVolumeResponse {}),
+            Err(s) => Err(from_volumed(s, format!("volume {id}, node {}", req.node_id))),
         }
     }
 }

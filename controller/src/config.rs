@@ -8,11 +8,7 @@ use volumed_csi::serve::Endpoint;
 use crate::volumed::VolumedUrl;
 
 #[derive(Debug, Clone, Parser)]
-#[command(
-    name = "csi-controller",
-    version,
-    about = "CSI controller plugin of volumed"
-)]
+#[command(name = "csi-controller", version, about = "CSI controller plugin of volumed")]
 pub struct Args {
     /// CSI endpoint to serve on.
     #[arg(long, env = "CSI_ENDPOINT", default_value = "unix:///csi/csi.sock")]
@@ -20,12 +16,7 @@ pub struct Args {
 
     /// volumed admin API(s), tried in order; the next one is used when one
     /// is UNAVAILABLE. `host:port`, `http://host:port` or `unix:///path`.
-    #[arg(
-        long = "volumed",
-        env = "VOLUMED_ENDPOINT",
-        value_delimiter = ',',
-        required = true
-    )]
+    #[arg(long = "volumed", env = "VOLUMED_ENDPOINT", value_delimiter = ',', required = true)]
     pub volumed: Vec<String>,
 
     /// CSI driver name.
@@ -51,31 +42,19 @@ pub struct Config {
 
 impl Args {
     pub fn validate(&self) -> Result<Config, String> {
-        let endpoint: Endpoint = self
-            .endpoint
-            .parse()
-            .map_err(|e| format!("--endpoint: {e}"))?;
-        volumed_csi::validate_driver_name(&self.driver_name)
-            .map_err(|e| format!("--driver-name: {e}"))?;
+        let endpoint: Endpoint = self.endpoint.parse().map_err(|e| format!("--endpoint: {e}"))?;
+        volumed_csi::validate_driver_name(&self.driver_name).map_err(|e| format!("--driver-name: {e}"))?;
         let volumed = self
             .volumed
             .iter()
             .map(|s| s.trim())
             .filter(|s| !s.is_empty())
-            .map(|s| {
-                s.parse::<VolumedUrl>()
-                    .map_err(|e| format!("--volumed: {e}"))
-            })
+            .map(|s| s.parse::<VolumedUrl>().map_err(|e| format!("--volumed: {e}")))
             .collect::<Result<Vec<_>, _>>()?;
         if volumed.is_empty() {
             return Err("--volumed: at least one volumed address is required".into());
         }
-        Ok(Config {
-            endpoint,
-            volumed,
-            driver_name: self.driver_name.clone(),
-            log_format: self.log_format,
-        })
+        Ok(Config { endpoint, volumed, driver_name: self.driver_name.clone(), log_format: self.log_format })
     }
 }
 
@@ -101,20 +80,11 @@ mod tests {
 
     #[test]
     fn bad_values_are_named() {
-        let e = args(&["--volumed", "x", "--endpoint", "tcp://nowhere"])
-            .unwrap()
-            .validate()
-            .unwrap_err();
+        let e = args(&["--volumed", "x", "--endpoint", "tcp://nowhere"]).unwrap().validate().unwrap_err();
         assert!(e.starts_with("--endpoint"), "{e}");
-        let e = args(&["--volumed", "ftp://x"])
-            .unwrap()
-            .validate()
-            .unwrap_err();
+        let e = args(&["--volumed", "ftp://x"]).unwrap().validate().unwrap_err();
         assert!(e.starts_with("--volumed"), "{e}");
-        let e = args(&["--volumed", "a:1", "--driver-name=-bad"])
-            .unwrap()
-            .validate()
-            .unwrap_err();
+        let e = args(&["--volumed", "a:1", "--driver-name=-bad"]).unwrap().validate().unwrap_err();
         assert!(e.starts_with("--driver-name"), "{e}");
         assert!(args(&[]).is_err(), "--volumed is required");
         assert!(args(&["--volumed", "a:1", "--log-format", "xml"]).is_err());

@@ -17,9 +17,7 @@ impl ControllerService {
         if req.volume_id.is_empty() {
             return Err(CsiError::Missing("volume_id"));
         }
-        let range = req
-            .capacity_range
-            .ok_or(CsiError::Missing("capacity_range"))?;
+        let range = req.capacity_range.ok_or(CsiError::Missing("capacity_range"))?;
         let cap = match req.volume_capability.as_ref() {
             Some(c) => Some(access::parse_capability(Some(c), "volume_capability")?),
             None => None,
@@ -36,18 +34,15 @@ impl ControllerService {
         let wanted = capacity::resolve(Some(&range), current)?;
         // A filesystem on a block volume grows on the node (NodeExpandVolume);
         // raw block and file volumes are done once volumed has grown them.
-        let node_expansion_required = stored_spec(&v).kind == VolumeKind::Block
-            && !cap.as_ref().is_some_and(|c| c.is_block());
+        let node_expansion_required =
+            stored_spec(&v).kind == VolumeKind::Block && !cap.as_ref().is_some_and(|c| c.is_block());
         if wanted <= current {
             return Ok(csi::ControllerExpandVolumeResponse {
                 capacity_bytes: capacity::to_i64(current),
                 node_expansion_required,
             });
         }
-        let rreq = vd::ResizeVolumeRequest {
-            id_or_name: id.to_string(),
-            size_bytes: wanted,
-        };
+        let rreq = vd::ResizeVolumeRequest { id_or_name: id.to_string(), size_bytes: wanted };
         let resized = self
             .volumed
             .call("ResizeVolume", |mut c| {
@@ -92,10 +87,7 @@ impl ControllerService {
                 (k.clone(), value.unwrap_or(0).to_string())
             })
             .collect();
-        let mreq = vd::ModifyVolumeRequest {
-            id_or_name: id.to_string(),
-            parameters,
-        };
+        let mreq = vd::ModifyVolumeRequest { id_or_name: id.to_string(), parameters };
         self.volumed
             .call("ModifyVolume", |mut c| {
                 let r = mreq.clone();

@@ -1,9 +1,11 @@
 //! The CSI Controller service. Stateless: every answer comes from volumed.
 //!
 //! The RPC bodies live in [`crate::volumes`] (create/delete/validate/list/
-//! get/capacity), [`crate::attach`] (publish/unpublish) and
-//! [`crate::resize`] (expand/modify); this module holds the shared lookups
-//! and conversions and dispatches the trait methods.
+//! get/capacity), [`crate::restore`] (content sources of CreateVolume),
+//! [`crate::attach`] (publish/unpublish), [`crate::resize`] (expand/modify)
+//! and [`crate::snapshots`]; this module holds the shared lookups and
+//! conversions and dispatches the trait methods. The GroupController
+//! service is in [`crate::groups`].
 
 use std::sync::Arc;
 
@@ -37,9 +39,7 @@ impl ControllerService {
         let res = self
             .volumed
             .call("GetVolume", |mut c| {
-                let req = vd::GetVolumeRequest {
-                    id_or_name: id.to_string(),
-                };
+                let req = vd::GetVolumeRequest { id_or_name: id.to_string() };
                 async move { c.get_volume(req).await }
             })
             .await;
@@ -55,9 +55,7 @@ impl ControllerService {
         let res = self
             .volumed
             .call("GetVolume", |mut c| {
-                let req = vd::GetVolumeRequest {
-                    id_or_name: name.to_string(),
-                };
+                let req = vd::GetVolumeRequest { id_or_name: name.to_string() };
                 async move { c.get_volume(req).await }
             })
             .await;
@@ -71,16 +69,12 @@ impl ControllerService {
 
     /// A volume the request names; NOT_FOUND when there is none.
     pub(crate) async fn existing_volume(&self, id: &str) -> Result<vd::Volume, CsiError> {
-        self.volume_by_id(id)
-            .await?
-            .ok_or_else(|| CsiError::NotFound(format!("volume {id} does not exist")))
+        self.volume_by_id(id).await?.ok_or_else(|| CsiError::NotFound(format!("volume {id} does not exist")))
     }
 
     pub(crate) async fn nodes(&self) -> Result<Vec<vd::Node>, CsiError> {
         self.volumed
-            .call("ListNodes", |mut c| async move {
-                c.list_nodes(vd::ListNodesRequest {}).await
-            })
+            .call("ListNodes", |mut c| async move { c.list_nodes(vd::ListNodesRequest {}).await })
             .await
             .map(|r| r.nodes)
             .map_err(|s| from_volumed(s, "listing volumed nodes"))
@@ -93,10 +87,8 @@ impl ControllerService {
             let page = self
                 .volumed
                 .call("ListVolumes", |mut c| {
-                    let req = vd::ListVolumesRequest {
-                        max_entries: 0,
-                        starting_token: token.clone(),
-                    };
+                    let req =
+                        vd::ListVolumesRequest { max_entries: 0, starting_token: token.clone(), ..Default::default() };
                     async move { c.list_volumes(req).await }
                 })
                 .await
@@ -114,10 +106,7 @@ impl ControllerService {
 pub fn is_volume_id(s: &str) -> bool {
     let parts: Vec<&str> = s.split('-').collect();
     parts.len() == 5
-        && parts
-            .iter()
-            .zip([8, 4, 4, 4, 12])
-            .all(|(p, n)| p.len() == n && p.chars().all(|c| c.is_ascii_hexdigit()))
+        && parts.iter().zip([8, 4, 4, 4, 12]).all(|(p, n)| p.len() == n && p.chars().all(|c| c.is_ascii_hexdigit()))
 }
 
 /// CSI node ids are volumed node ids in decimal.
@@ -158,12 +147,17 @@ pub(crate) fn csi_volume(v: &vd::Volume, nodes: &[vd::Node]) -> csi::Volume {
     }
 }
 
+/// The catalog's attachments of a volume. volumed's answer also lists
+/// devices a node still reports without a catalog attachment (a detach that
+/// the node's next heartbeat has not reported yet, or a fenced leftover);
+/// those carry no access mode, cannot write (fencing), and are not
+/// publications in the CSI sense.
+pub(crate) fn publications(v: &vd::Volume) -> impl Iterator<Item = &vd::Attachment> {
+    v.attachments.iter().filter(|a| a.mode != vd::AccessMode::Unspecified as i32)
+}
+
 pub(crate) fn published_node_ids(v: &vd::Volume) -> Vec<String> {
-    let mut ids: Vec<String> = v
-        .attachments
-        .iter()
-        .map(|a| a.node_id.to_string())
-        .collect();
+    let mut ids: Vec<String> = publications(v).map(|a| a.node_id.to_string()).collect();
     ids.sort();
     ids.dedup();
     ids
@@ -171,11 +165,8 @@ pub(crate) fn published_node_ids(v: &vd::Volume) -> Vec<String> {
 
 /// The controller's view of a volume's health, from its replica states.
 pub(crate) fn condition(v: &vd::Volume) -> csi::VolumeCondition {
-    let healthy = v
-        .replicas
-        .iter()
-        .filter(|r| vd::ReplicaState::try_from(r.state) == Ok(vd::ReplicaState::Healthy))
-        .count();
+    let healthy =
+        v.replicas.iter().filter(|r| vd::ReplicaState::try_from(r.state) == Ok(vd::ReplicaState::Healthy)).count();
     let wanted = v.replica_count.max(v.replicas.len() as u32);
     let unhealthy: Vec<String> = v
         .replicas
@@ -183,27 +174,15 @@ pub(crate) fn condition(v: &vd::Volume) -> csi::VolumeCondition {
         .filter(|r| vd::ReplicaState::try_from(r.state) != Ok(vd::ReplicaState::Healthy))
         .map(|r| {
             let state = vd::ReplicaState::try_from(r.state)
-                .map(|s| {
-                    s.as_str_name()
-                        .trim_start_matches("REPLICA_STATE_")
-                        .to_lowercase()
-                })
+                .map(|s| s.as_str_name().trim_start_matches("REPLICA_STATE_").to_lowercase())
                 .unwrap_or_else(|_| "unknown".into());
-            match r
-                .rebuild_bytes_done
-                .saturating_mul(100)
-                .checked_div(r.rebuild_bytes_total)
-            {
+            match r.rebuild_bytes_done.saturating_mul(100).checked_div(r.rebuild_bytes_total) {
                 Some(pct) => format!("node {} {state} {pct}%", r.node_id),
                 None => format!("node {} {state}", r.node_id),
             }
         })
         .collect();
-    let detail = if unhealthy.is_empty() {
-        String::new()
-    } else {
-        format!(" ({})", unhealthy.join(", "))
-    };
+    let detail = if unhealthy.is_empty() { String::new() } else { format!(" ({})", unhealthy.join(", ")) };
     let state = vd::VolumeState::try_from(v.state).unwrap_or(vd::VolumeState::Unspecified);
     let (abnormal, what) = match state {
         vd::VolumeState::Healthy => (false, "healthy"),
@@ -214,16 +193,7 @@ pub(crate) fn condition(v: &vd::Volume) -> csi::VolumeCondition {
         vd::VolumeState::Deleting => (true, "being deleted"),
         vd::VolumeState::Unspecified => (false, "state unknown"),
     };
-    csi::VolumeCondition {
-        abnormal,
-        message: format!("{what}: {healthy} of {wanted} replicas healthy{detail}"),
-    }
-}
-
-fn unimplemented_snapshots(rpc: &str) -> CsiError {
-    CsiError::Unimplemented(format!(
-        "{rpc}: snapshots are not available yet (CREATE_DELETE_SNAPSHOT is not advertised)"
-    ))
+    csi::VolumeCondition { abnormal, message: format!("{what}: {healthy} of {wanted} replicas healthy{detail}") }
 }
 
 #[tonic::async_trait]
@@ -232,9 +202,10 @@ impl Controller for ControllerService {
         &self,
         request: Request<csi::CreateVolumeRequest>,
     ) -> Result<Response<csi::CreateVolumeResponse>, Status> {
+        let budget = crate::restore::wait_budget(request.metadata());
         let req = request.into_inner();
         let name = req.name.clone();
-        observe("CreateVolume", &name, self.create(req)).await
+        observe("CreateVolume", &name, self.create(req, budget)).await
     }
 
     async fn delete_volume(
@@ -292,9 +263,7 @@ impl Controller for ControllerService {
         _request: Request<csi::ControllerGetCapabilitiesRequest>,
     ) -> Result<Response<csi::ControllerGetCapabilitiesResponse>, Status> {
         observe("ControllerGetCapabilities", "", async {
-            Ok(csi::ControllerGetCapabilitiesResponse {
-                capabilities: volumed_csi::caps::controller_capabilities(),
-            })
+            Ok(csi::ControllerGetCapabilitiesResponse { capabilities: volumed_csi::caps::controller_capabilities() })
         })
         .await
     }
@@ -303,41 +272,32 @@ impl Controller for ControllerService {
         &self,
         request: Request<csi::CreateSnapshotRequest>,
     ) -> Result<Response<csi::CreateSnapshotResponse>, Status> {
-        let id = request.into_inner().source_volume_id;
-        observe("CreateSnapshot", &id, async {
-            Err(unimplemented_snapshots("CreateSnapshot"))
-        })
-        .await
+        let req = request.into_inner();
+        let id = req.source_volume_id.clone();
+        observe("CreateSnapshot", &id, self.create_snapshot(req)).await
     }
 
     async fn delete_snapshot(
         &self,
-        _request: Request<csi::DeleteSnapshotRequest>,
+        request: Request<csi::DeleteSnapshotRequest>,
     ) -> Result<Response<csi::DeleteSnapshotResponse>, Status> {
-        observe("DeleteSnapshot", "", async {
-            Err(unimplemented_snapshots("DeleteSnapshot"))
-        })
-        .await
+        observe("DeleteSnapshot", "", self.delete_snapshot(request.into_inner())).await
     }
 
     async fn list_snapshots(
         &self,
-        _request: Request<csi::ListSnapshotsRequest>,
+        request: Request<csi::ListSnapshotsRequest>,
     ) -> Result<Response<csi::ListSnapshotsResponse>, Status> {
-        observe("ListSnapshots", "", async {
-            Err(unimplemented_snapshots("ListSnapshots"))
-        })
-        .await
+        let req = request.into_inner();
+        let id = req.source_volume_id.clone();
+        observe("ListSnapshots", &id, self.list_snapshots(req)).await
     }
 
     async fn get_snapshot(
         &self,
-        _request: Request<csi::GetSnapshotRequest>,
+        request: Request<csi::GetSnapshotRequest>,
     ) -> Result<Response<csi::GetSnapshotResponse>, Status> {
-        observe("GetSnapshot", "", async {
-            Err(unimplemented_snapshots("GetSnapshot"))
-        })
-        .await
+        observe("GetSnapshot", "", self.get_snapshot(request.into_inner())).await
     }
 
     async fn controller_expand_volume(
@@ -375,13 +335,8 @@ mod tests {
     #[test]
     fn volume_ids() {
         assert!(is_volume_id("0b7f6c1e-3f2a-4c1d-9e8f-0123456789ab"));
-        for bad in [
-            "",
-            "abc",
-            "0b7f6c1e-3f2a-4c1d-9e8f-0123456789aZ",
-            "0b7f6c1e3f2a4c1d9e8f0123456789ab",
-            "../../etc",
-        ] {
+        for bad in ["", "abc", "0b7f6c1e-3f2a-4c1d-9e8f-0123456789aZ", "0b7f6c1e3f2a4c1d9e8f0123456789ab", "../../etc"]
+        {
             assert!(!is_volume_id(bad), "{bad}");
         }
         assert_eq!(parse_node_id("7"), Some(7));
@@ -390,11 +345,7 @@ mod tests {
     }
 
     fn replica(node: u64, state: vd::ReplicaState) -> vd::Replica {
-        vd::Replica {
-            node_id: node,
-            state: state as i32,
-            ..Default::default()
-        }
+        vd::Replica { node_id: node, state: state as i32, ..Default::default() }
     }
 
     #[test]
@@ -419,11 +370,8 @@ mod tests {
         assert!(c.message.contains("2 of 3"), "{}", c.message);
         assert!(c.message.contains("node 3 unreachable"), "{}", c.message);
         v.state = vd::VolumeState::Rebuilding as i32;
-        v.replicas[2] = vd::Replica {
-            rebuild_bytes_done: 1,
-            rebuild_bytes_total: 4,
-            ..replica(4, vd::ReplicaState::Rebuilding)
-        };
+        v.replicas[2] =
+            vd::Replica { rebuild_bytes_done: 1, rebuild_bytes_total: 4, ..replica(4, vd::ReplicaState::Rebuilding) };
         assert!(condition(&v).message.contains("node 4 rebuilding 25%"));
     }
 

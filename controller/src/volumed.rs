@@ -40,22 +40,14 @@ impl FromStr for VolumedUrl {
         }
         let hostport = s.strip_prefix("http://").unwrap_or(s).trim_end_matches('/');
         if hostport.contains("://") {
-            return Err(format!(
-                "\"{s}\": expected host:port, http://host:port or unix:///path"
-            ));
+            return Err(format!("\"{s}\": expected host:port, http://host:port or unix:///path"));
         }
-        let (host, port) = hostport
-            .rsplit_once(':')
-            .ok_or_else(|| format!("\"{s}\": missing :port"))?;
+        let (host, port) = hostport.rsplit_once(':').ok_or_else(|| format!("\"{s}\": missing :port"))?;
         let host_ok = !host.is_empty()
             && (host.starts_with('[') && host.ends_with(']')
-                || host
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-'));
+                || host.chars().all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-'));
         if !host_ok || port.parse::<u16>().is_err() {
-            return Err(format!(
-                "\"{s}\": expected host:port, http://host:port or unix:///path"
-            ));
+            return Err(format!("\"{s}\": expected host:port, http://host:port or unix:///path"));
         }
         Ok(VolumedUrl::Http(format!("http://{hostport}")))
     }
@@ -79,14 +71,11 @@ impl From<VolumedUrl> for String {
 /// Per-call deadline towards volumed; the CO retries on DEADLINE_EXCEEDED.
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 
-fn channel(url: &VolumedUrl) -> Channel {
+pub(crate) fn channel(url: &VolumedUrl) -> Channel {
     match url {
         VolumedUrl::Unix(p) => serve::channel(&Endpoint::Unix(p.clone())),
         VolumedUrl::Http(u) => match tonic::transport::Endpoint::from_shared(u.clone()) {
-            Ok(ep) => ep
-                .connect_timeout(Duration::from_secs(5))
-                .timeout(CALL_TIMEOUT)
-                .connect_lazy(),
+            Ok(ep) => ep.connect_timeout(Duration::from_secs(5)).timeout(CALL_TIMEOUT).connect_lazy(),
             // Validated by FromStr; an unusable address fails every call.
             Err(_) => serve::channel(&Endpoint::Unix("/nonexistent/volumed.sock".into())),
         },
@@ -111,10 +100,7 @@ fn should_fail_over(s: &Status) -> bool {
 impl Volumed {
     pub fn new(urls: &[VolumedUrl]) -> Volumed {
         Volumed {
-            clients: urls
-                .iter()
-                .map(|u| (u.clone(), AdminClient::new(channel(u))))
-                .collect(),
+            clients: urls.iter().map(|u| (u.clone(), AdminClient::new(channel(u)))).collect(),
             preferred: AtomicUsize::new(0),
         }
     }
@@ -158,18 +144,13 @@ impl Volumed {
 impl Readiness for Volumed {
     async fn check(&self) -> Result<(), String> {
         let st = self
-            .call("ClusterStatus", |mut c| async move {
-                c.cluster_status(ClusterStatusRequest {}).await
-            })
+            .call("ClusterStatus", |mut c| async move { c.cluster_status(ClusterStatusRequest {}).await })
             .await
             .map_err(|s| format!("volumed: {}", s.message()))?;
         if st.ready {
             Ok(())
         } else {
-            Err(format!(
-                "volumed node {} has no catalog leader or has not applied its state yet",
-                st.answered_by
-            ))
+            Err(format!("volumed node {} has no catalog leader or has not applied its state yet", st.answered_by))
         }
     }
 }
@@ -180,33 +161,17 @@ mod tests {
 
     #[test]
     fn urls() {
-        assert_eq!(
-            "127.0.0.1:7001".parse::<VolumedUrl>().unwrap(),
-            VolumedUrl::Http("http://127.0.0.1:7001".into())
-        );
+        assert_eq!("127.0.0.1:7001".parse::<VolumedUrl>().unwrap(), VolumedUrl::Http("http://127.0.0.1:7001".into()));
         assert_eq!(
             "http://volumed.svc:7001/".parse::<VolumedUrl>().unwrap(),
             VolumedUrl::Http("http://volumed.svc:7001".into())
         );
+        assert_eq!("[::1]:7001".parse::<VolumedUrl>().unwrap(), VolumedUrl::Http("http://[::1]:7001".into()));
         assert_eq!(
-            "[::1]:7001".parse::<VolumedUrl>().unwrap(),
-            VolumedUrl::Http("http://[::1]:7001".into())
-        );
-        assert_eq!(
-            "unix:///run/volumed/admin.sock"
-                .parse::<VolumedUrl>()
-                .unwrap(),
+            "unix:///run/volumed/admin.sock".parse::<VolumedUrl>().unwrap(),
             VolumedUrl::Unix("/run/volumed/admin.sock".into())
         );
-        for bad in [
-            "",
-            "host",
-            "host:port",
-            "https://h:1",
-            "h:99999",
-            "a b:1",
-            "unix://rel",
-        ] {
+        for bad in ["", "host", "host:port", "https://h:1", "h:99999", "a b:1", "unix://rel"] {
             assert!(bad.parse::<VolumedUrl>().is_err(), "{bad}");
         }
     }
@@ -214,10 +179,7 @@ mod tests {
     #[tokio::test]
     async fn fails_over_and_reports_unavailable() {
         // Two addresses nobody listens on (port 1 on loopback refuses).
-        let v = Volumed::new(&[
-            "127.0.0.1:1".parse().unwrap(),
-            "unix:///nonexistent/volumed.sock".parse().unwrap(),
-        ]);
+        let v = Volumed::new(&["127.0.0.1:1".parse().unwrap(), "unix:///nonexistent/volumed.sock".parse().unwrap()]);
         let tried = std::sync::atomic::AtomicUsize::new(0);
         let err = v
             .call("ClusterStatus", |mut c| {
@@ -228,11 +190,7 @@ mod tests {
             .unwrap_err();
         assert_eq!(tried.load(Ordering::Relaxed), 2, "both addresses tried");
         assert_eq!(err.code(), Code::Unavailable);
-        assert!(
-            err.message().contains("2 address(es) tried"),
-            "{}",
-            err.message()
-        );
+        assert!(err.message().contains("2 address(es) tried"), "{}", err.message());
         assert!(v.check().await.is_err());
     }
 }

@@ -11,7 +11,8 @@ use volumed_csi::proto::{self as csi};
 use volumed_csi::{capacity, pagination, topology};
 use volumed_proto::volumed::v1 as vd;
 
-use crate::service::{condition, csi_volume, published_node_ids, stored_spec, ControllerService};
+use crate::restore::{self, ContentSource};
+use crate::service::{condition, csi_volume, publications, published_node_ids, stored_spec, ControllerService};
 
 /// Longest name accepted (the spec's limit for strings).
 const MAX_NAME_BYTES: usize = 128;
@@ -24,23 +25,14 @@ pub(crate) fn validate_name(name: &str) -> Result<(), CsiError> {
         return Err(CsiError::Missing("name"));
     }
     if name.len() > MAX_NAME_BYTES {
-        return Err(CsiError::InvalidArgument(format!(
-            "name is {} bytes, longer than {MAX_NAME_BYTES}",
-            name.len()
-        )));
+        return Err(CsiError::InvalidArgument(format!("name is {} bytes, longer than {MAX_NAME_BYTES}", name.len())));
     }
     let banned = |c: char| {
         let u = c as u32;
-        u <= 0x08
-            || u == 0x0b
-            || u == 0x0c
-            || (0x0e..=0x1f).contains(&u)
-            || (0x7f..=0x9f).contains(&u)
+        u <= 0x08 || u == 0x0b || u == 0x0c || (0x0e..=0x1f).contains(&u) || (0x7f..=0x9f).contains(&u)
     };
     if name.chars().any(banned) {
-        return Err(CsiError::InvalidArgument(format!(
-            "name {name:?} contains control characters"
-        )));
+        return Err(CsiError::InvalidArgument(format!("name {name:?} contains control characters")));
     }
     Ok(())
 }
@@ -48,22 +40,16 @@ pub(crate) fn validate_name(name: &str) -> Result<(), CsiError> {
 /// Checks every capability against the volume kind and fsType.
 fn check_capabilities(specs: &[AccessSpec], spec: &VolumeSpec) -> Result<(), String> {
     for (i, c) in specs.iter().enumerate() {
-        access::check_supported(c, spec.kind)
-            .map_err(|e| format!("volume_capabilities[{i}]: {e}"))?;
+        access::check_supported(c, spec.kind).map_err(|e| format!("volume_capabilities[{i}]: {e}"))?;
         if !c.is_block() {
-            access::effective_fs_type(c, spec.fs_type)
-                .map_err(|e| format!("volume_capabilities[{i}]: {e}"))?;
+            access::effective_fs_type(c, spec.fs_type).map_err(|e| format!("volume_capabilities[{i}]: {e}"))?;
         }
     }
     Ok(())
 }
 
 fn to_vd_topology(t: &[csi::Topology]) -> Vec<vd::Topology> {
-    t.iter()
-        .map(|t| vd::Topology {
-            segments: t.segments.clone(),
-        })
-        .collect()
+    t.iter().map(|t| vd::Topology { segments: t.segments.clone() }).collect()
 }
 
 /// The largest volume size that fits on `r` distinct nodes, and the total
@@ -94,9 +80,12 @@ pub fn provisionable(free: &[u64], r: usize) -> (u64, u64) {
 }
 
 impl ControllerService {
+    /// `budget`: how long a restore or clone may be waited for (see
+    /// [`crate::restore`]).
     pub(crate) async fn create(
         &self,
         req: csi::CreateVolumeRequest,
+        budget: Duration,
     ) -> Result<csi::CreateVolumeResponse, CsiError> {
         validate_name(&req.name)?;
         let name = req.name.as_str();
@@ -108,11 +97,10 @@ impl ControllerService {
                 .apply(&mut spec.qos);
         }
         check_capabilities(&caps, &spec).map_err(CsiError::InvalidArgument)?;
-        if req.volume_content_source.is_some() {
+        let source = ContentSource::parse(req.volume_content_source.as_ref())?;
+        if source.is_some() && spec.kind != VolumeKind::Block {
             return Err(CsiError::InvalidArgument(
-                "volume_content_source: creating a volume from a snapshot or another volume is \
-                 not supported yet"
-                    .into(),
+                "volume_content_source: only block volumes are restored from snapshots or cloned".into(),
             ));
         }
         let size = capacity::resolve(req.capacity_range.as_ref(), capacity::DEFAULT_SIZE)?;
@@ -120,7 +108,7 @@ impl ControllerService {
 
         // Idempotency: the same name must give the same volume.
         if let Some(existing) = self.volume_by_name(name).await? {
-            return self.existing_for_create(existing, &req, &spec).await;
+            return self.existing_for_create(existing, &req, &spec, source.as_ref(), budget).await;
         }
 
         let (requisite, preferred) = req
@@ -128,6 +116,10 @@ impl ControllerService {
             .as_ref()
             .map(|t| (to_vd_topology(&t.requisite), to_vd_topology(&t.preferred)))
             .unwrap_or_default();
+        let size = match &source {
+            Some(src) => restore::size_for(req.capacity_range.as_ref(), self.source_size(src).await?)?,
+            None => size,
+        };
         let vreq = vd::CreateVolumeRequest {
             name: name.to_string(),
             size_bytes: size,
@@ -140,6 +132,7 @@ impl ControllerService {
             requisite,
             preferred,
             spread_zones: spec.zone_spread,
+            ..ContentSource::request_fields(source.as_ref())
         };
         let created = self
             .volumed
@@ -151,20 +144,23 @@ impl ControllerService {
         let volume = match created {
             Ok(v) => v,
             // A concurrent call created it first.
-            Err(s) if s.code() == tonic::Code::AlreadyExists => {
-                match self.volume_by_name(name).await? {
-                    Some(existing) => return self.existing_for_create(existing, &req, &spec).await,
-                    None => return Err(from_volumed(s, ctx)),
+            Err(s) if s.code() == tonic::Code::AlreadyExists => match self.volume_by_name(name).await? {
+                Some(existing) => {
+                    return self.existing_for_create(existing, &req, &spec, source.as_ref(), budget).await
                 }
-            }
+                None => return Err(from_volumed(s, ctx)),
+            },
             Err(s) => return Err(from_volumed(s, ctx)),
         };
-        let volume = self.wait_formed(volume).await?;
+        let volume = match &source {
+            Some(_) => self.wait_restored(volume, budget).await?,
+            None => self.wait_formed(volume).await?,
+        };
         let nodes = self.nodes().await?;
         tracing::info!(volume_id = %volume.id, size, replicas = spec.replicas, "volume created");
-        Ok(csi::CreateVolumeResponse {
-            volume: Some(csi_volume(&volume, &nodes)),
-        })
+        let mut out = csi_volume(&volume, &nodes);
+        out.content_source = source.map(|s| s.to_csi());
+        Ok(csi::CreateVolumeResponse { volume: Some(out) })
     }
 
     /// Answers a CreateVolume whose name is taken: the same volume when
@@ -174,6 +170,8 @@ impl ControllerService {
         existing: vd::Volume,
         req: &csi::CreateVolumeRequest,
         wanted: &VolumeSpec,
+        source: Option<&ContentSource>,
+        budget: Duration,
     ) -> Result<csi::CreateVolumeResponse, CsiError> {
         let name = &req.name;
         if vd::VolumeState::try_from(existing.state) == Ok(vd::VolumeState::Deleting) {
@@ -194,11 +192,24 @@ impl ControllerService {
                 existing.id
             )));
         }
-        let existing = self.wait_formed(existing).await?;
+        let existing = match source {
+            Some(src) => {
+                let confirmed = self.confirm_source(&existing, src).await?;
+                self.wait_restored(confirmed, budget).await?
+            }
+            None if !existing.source_snapshot_id.is_empty() => {
+                return Err(CsiError::AlreadyExists(format!(
+                    "volume named \"{name}\" ({}) exists with data from a snapshot or volume; this request has \
+                     no volume_content_source",
+                    existing.id
+                )))
+            }
+            None => self.wait_formed(existing).await?,
+        };
         let nodes = self.nodes().await?;
-        Ok(csi::CreateVolumeResponse {
-            volume: Some(csi_volume(&existing, &nodes)),
-        })
+        let mut out = csi_volume(&existing, &nodes);
+        out.content_source = source.map(ContentSource::to_csi);
+        Ok(csi::CreateVolumeResponse { volume: Some(out) })
     }
 
     /// Waits (bounded) while the replicas form, so the placement - and the
@@ -212,20 +223,14 @@ impl ControllerService {
             match self.volume_by_id(&v.id).await? {
                 Some(now) => v = now,
                 None => {
-                    return Err(CsiError::Aborted(format!(
-                        "volume {} disappeared while being created; retry",
-                        v.id
-                    )))
+                    return Err(CsiError::Aborted(format!("volume {} disappeared while being created; retry", v.id)))
                 }
             }
         }
         Ok(v)
     }
 
-    pub(crate) async fn delete(
-        &self,
-        req: csi::DeleteVolumeRequest,
-    ) -> Result<csi::DeleteVolumeResponse, CsiError> {
+    pub(crate) async fn delete(&self, req: csi::DeleteVolumeRequest) -> Result<csi::DeleteVolumeResponse, CsiError> {
         if req.volume_id.is_empty() {
             return Err(CsiError::Missing("volume_id"));
         }
@@ -234,7 +239,7 @@ impl ControllerService {
         let Some(v) = self.volume_by_id(id).await? else {
             return Ok(csi::DeleteVolumeResponse {});
         };
-        if !v.attachments.is_empty() {
+        if publications(&v).next().is_some() {
             return Err(CsiError::FailedPrecondition(format!(
                 "volume {id} is still published to node(s) {}; unpublish it first",
                 published_node_ids(&v).join(", ")
@@ -243,9 +248,7 @@ impl ControllerService {
         let res = self
             .volumed
             .call("DeleteVolume", |mut c| {
-                let r = vd::DeleteVolumeRequest {
-                    id_or_name: id.to_string(),
-                };
+                let r = vd::DeleteVolumeRequest { id_or_name: id.to_string() };
                 async move { c.delete_volume(r).await }
             })
             .await;
@@ -264,26 +267,16 @@ impl ControllerService {
             return Err(CsiError::Missing("volume_id"));
         }
         let caps = access::parse_capabilities(&req.volume_capabilities)?;
-        let wanted = if req.parameters.is_empty() {
-            None
-        } else {
-            Some(VolumeSpec::from_parameters(&req.parameters)?)
-        };
+        let wanted = if req.parameters.is_empty() { None } else { Some(VolumeSpec::from_parameters(&req.parameters)?) };
         if !req.mutable_parameters.is_empty() {
             QosSpec::from_mutable(&req.mutable_parameters)
                 .map_err(|e| CsiError::InvalidArgument(format!("mutable_parameters: {e}")))?;
         }
         let v = self.existing_volume(&req.volume_id).await?;
         let spec = stored_spec(&v);
-        let not_confirmed = |message: String| csi::ValidateVolumeCapabilitiesResponse {
-            confirmed: None,
-            message,
-        };
+        let not_confirmed = |message: String| csi::ValidateVolumeCapabilitiesResponse { confirmed: None, message };
         if let Some(diff) = wanted.as_ref().and_then(|w| spec.conflict_with(w)) {
-            return Ok(not_confirmed(format!(
-                "parameters do not match volume {}: {diff}",
-                v.id
-            )));
+            return Ok(not_confirmed(format!("parameters do not match volume {}: {diff}", v.id)));
         }
         if let Err(e) = check_capabilities(&caps, &spec) {
             return Ok(not_confirmed(format!("volume {}: {e}", v.id)));
@@ -310,28 +303,18 @@ impl ControllerService {
         })
     }
 
-    pub(crate) async fn list(
-        &self,
-        req: csi::ListVolumesRequest,
-    ) -> Result<csi::ListVolumesResponse, CsiError> {
+    pub(crate) async fn list(&self, req: csi::ListVolumesRequest) -> Result<csi::ListVolumesResponse, CsiError> {
         // Check the request before asking volumed anything.
         if req.max_entries < 0 {
-            return Err(CsiError::InvalidArgument(format!(
-                "max_entries is negative ({})",
-                req.max_entries
-            )));
+            return Err(CsiError::InvalidArgument(format!("max_entries is negative ({})", req.max_entries)));
         }
         if !req.starting_token.is_empty() {
             pagination::decode(&req.starting_token)?;
         }
         let volumes = self.all_volumes().await?;
         let nodes = self.nodes().await?;
-        let (page, next_token) = pagination::paginate(
-            volumes,
-            |v| v.id.as_str(),
-            req.max_entries,
-            &req.starting_token,
-        )?;
+        let (page, next_token) =
+            pagination::paginate(volumes, |v| v.id.as_str(), req.max_entries, &req.starting_token)?;
         let entries = page
             .iter()
             .map(|v| csi::list_volumes_response::Entry {
@@ -342,10 +325,7 @@ impl ControllerService {
                 }),
             })
             .collect();
-        Ok(csi::ListVolumesResponse {
-            entries,
-            next_token,
-        })
+        Ok(csi::ListVolumesResponse { entries, next_token })
     }
 
     pub(crate) async fn get(
@@ -366,10 +346,7 @@ impl ControllerService {
         })
     }
 
-    pub(crate) async fn capacity(
-        &self,
-        req: csi::GetCapacityRequest,
-    ) -> Result<csi::GetCapacityResponse, CsiError> {
+    pub(crate) async fn capacity(&self, req: csi::GetCapacityRequest) -> Result<csi::GetCapacityResponse, CsiError> {
         let spec = VolumeSpec::from_parameters(&req.parameters)?;
         // Optional here, unlike in CreateVolume.
         let caps: Vec<AccessSpec> = if req.volume_capabilities.is_empty() {
@@ -386,10 +363,7 @@ impl ControllerService {
                 minimum_volume_size: unit,
             });
         }
-        let segments: HashMap<String, String> = req
-            .accessible_topology
-            .map(|t| t.segments)
-            .unwrap_or_default();
+        let segments: HashMap<String, String> = req.accessible_topology.map(|t| t.segments).unwrap_or_default();
         let nodes = self.nodes().await?;
         let eligible: Vec<&vd::Node> = nodes
             .iter()
@@ -429,10 +403,7 @@ mod tests {
     fn names() {
         assert!(validate_name("pvc-1234").is_ok());
         assert!(validate_name("with space and ünïcode").is_ok());
-        assert_eq!(
-            validate_name("").unwrap_err().code(),
-            tonic::Code::InvalidArgument
-        );
+        assert_eq!(validate_name("").unwrap_err().code(), tonic::Code::InvalidArgument);
         assert!(validate_name(&"n".repeat(129)).is_err());
         assert!(validate_name("bad\u{7}bell").is_err());
         assert!(validate_name("tab\tok").is_ok());
@@ -441,15 +412,9 @@ mod tests {
     #[test]
     fn capacity_math() {
         // Three equal nodes, three replicas: each volume takes one replica per node.
-        assert_eq!(
-            provisionable(&[10 * GIB, 10 * GIB, 10 * GIB], 3),
-            (10 * GIB, 10 * GIB)
-        );
+        assert_eq!(provisionable(&[10 * GIB, 10 * GIB, 10 * GIB], 3), (10 * GIB, 10 * GIB));
         // One huge node cannot hold two replicas of a volume.
-        assert_eq!(
-            provisionable(&[100 * GIB, 10 * GIB, 10 * GIB], 3),
-            (10 * GIB, 10 * GIB)
-        );
+        assert_eq!(provisionable(&[100 * GIB, 10 * GIB, 10 * GIB], 3), (10 * GIB, 10 * GIB));
         // Four nodes, three replicas: 4*9/3 = 12 GiB total, 9 GiB at most each.
         let (total, max) = provisionable(&[9 * GIB, 9 * GIB, 9 * GIB, 9 * GIB], 3);
         assert_eq!(max, 9 * GIB);

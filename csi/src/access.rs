@@ -43,10 +43,7 @@ impl AccessSpec {
 
 /// Parses one capability; `field` names it in errors
 /// ("volume_capability", "volume_capabilities[1]").
-pub fn parse_capability(
-    cap: Option<&VolumeCapability>,
-    field: &'static str,
-) -> Result<AccessSpec, CsiError> {
+pub fn parse_capability(cap: Option<&VolumeCapability>, field: &'static str) -> Result<AccessSpec, CsiError> {
     let cap = cap.ok_or(CsiError::Missing(field))?;
     parse_one(cap, field)
 }
@@ -57,20 +54,11 @@ fn parse_one(cap: &VolumeCapability, field: &str) -> Result<AccessSpec, CsiError
         .as_ref()
         .ok_or_else(|| CsiError::InvalidArgument(format!("{field}.access_mode is required")))?
         .mode;
-    let mode = Mode::try_from(mode)
-        .ok()
-        .filter(|m| *m != Mode::Unknown)
-        .ok_or_else(|| {
-            CsiError::InvalidArgument(format!(
-                "{field}.access_mode.mode {mode} is not a known access mode"
-            ))
-        })?;
+    let mode = Mode::try_from(mode).ok().filter(|m| *m != Mode::Unknown).ok_or_else(|| {
+        CsiError::InvalidArgument(format!("{field}.access_mode.mode {mode} is not a known access mode"))
+    })?;
     let access = match cap.access_type.as_ref() {
-        None => {
-            return Err(CsiError::InvalidArgument(format!(
-                "{field}.access_type is required (block or mount)"
-            )))
-        }
+        None => return Err(CsiError::InvalidArgument(format!("{field}.access_type is required (block or mount)"))),
         Some(volume_capability::AccessType::Block(_)) => Access::Block,
         Some(volume_capability::AccessType::Mount(m)) => {
             let fs_type = if m.fs_type.is_empty() {
@@ -94,11 +82,7 @@ fn parse_one(cap: &VolumeCapability, field: &str) -> Result<AccessSpec, CsiError
                     ))
                 })?)
             };
-            Access::Mount {
-                fs_type,
-                flags: m.mount_flags.clone(),
-                mount_group,
-            }
+            Access::Mount { fs_type, flags: m.mount_flags.clone(), mount_group }
         }
     };
     Ok(AccessSpec { access, mode })
@@ -109,17 +93,11 @@ pub fn parse_capabilities(caps: &[VolumeCapability]) -> Result<Vec<AccessSpec>, 
     if caps.is_empty() {
         return Err(CsiError::Missing("volume_capabilities"));
     }
-    caps.iter()
-        .enumerate()
-        .map(|(i, c)| parse_one(c, &format!("volume_capabilities[{i}]")))
-        .collect()
+    caps.iter().enumerate().map(|(i, c)| parse_one(c, &format!("volume_capabilities[{i}]"))).collect()
 }
 
 pub fn is_multi_node(mode: Mode) -> bool {
-    matches!(
-        mode,
-        Mode::MultiNodeReaderOnly | Mode::MultiNodeSingleWriter | Mode::MultiNodeMultiWriter
-    )
+    matches!(mode, Mode::MultiNodeReaderOnly | Mode::MultiNodeSingleWriter | Mode::MultiNodeMultiWriter)
 }
 
 pub fn is_reader_only(mode: Mode) -> bool {
@@ -129,12 +107,10 @@ pub fn is_reader_only(mode: Mode) -> bool {
 /// `Err(reason)` when a volume of `kind` cannot be used with `spec`.
 pub fn check_supported(spec: &AccessSpec, kind: VolumeKind) -> Result<(), String> {
     match (kind, &spec.access) {
-        (VolumeKind::File, Access::Block) => {
-            Err("a kind=file volume cannot be used as a raw block device".into())
+        (VolumeKind::File, Access::Block) => Err("a kind=file volume cannot be used as a raw block device".into()),
+        (VolumeKind::File, Access::Mount { fs_type: Some(fs), .. }) => {
+            Err(format!("fs_type {fs} does not apply to a kind=file volume (it is served by volumed through FUSE)"))
         }
-        (VolumeKind::File, Access::Mount { fs_type: Some(fs), .. }) => Err(format!(
-            "fs_type {fs} does not apply to a kind=file volume (it is served by volumed through FUSE)"
-        )),
         (VolumeKind::File, Access::Mount { .. }) => Ok(()),
         (VolumeKind::Block, Access::Block) => Ok(()),
         (VolumeKind::Block, Access::Mount { .. }) => match spec.mode {
@@ -150,14 +126,11 @@ pub fn check_supported(spec: &AccessSpec, kind: VolumeKind) -> Result<(), String
 
 /// The fsType a mount capability ends up with: the capability's, else the
 /// volume's StorageClass fsType; they must agree when both are given.
-pub fn effective_fs_type(
-    spec: &AccessSpec,
-    volume_fs: Option<FsType>,
-) -> Result<Option<FsType>, String> {
+pub fn effective_fs_type(spec: &AccessSpec, volume_fs: Option<FsType>) -> Result<Option<FsType>, String> {
     match (spec.fs_type(), volume_fs) {
-        (Some(a), Some(b)) if a != b => Err(format!(
-            "fs_type {a} of the capability differs from fsType {b} of the volume"
-        )),
+        (Some(a), Some(b)) if a != b => {
+            Err(format!("fs_type {a} of the capability differs from fsType {b} of the volume"))
+        }
         (Some(a), _) => Ok(Some(a)),
         (None, b) => Ok(b),
     }
@@ -165,10 +138,9 @@ pub fn effective_fs_type(
 
 pub fn to_volumed_mode(mode: Mode) -> vd::AccessMode {
     match mode {
-        Mode::Unknown
-        | Mode::SingleNodeWriter
-        | Mode::SingleNodeSingleWriter
-        | Mode::SingleNodeMultiWriter => vd::AccessMode::SingleNodeWriter,
+        Mode::Unknown | Mode::SingleNodeWriter | Mode::SingleNodeSingleWriter | Mode::SingleNodeMultiWriter => {
+            vd::AccessMode::SingleNodeWriter
+        }
         Mode::SingleNodeReaderOnly => vd::AccessMode::SingleNodeReaderOnly,
         Mode::MultiNodeReaderOnly => vd::AccessMode::MultiNodeReaderOnly,
         Mode::MultiNodeSingleWriter => vd::AccessMode::MultiNodeSingleWriter,
@@ -205,25 +177,16 @@ mod tests {
         assert_eq!(e.to_string(), "volume_capability is required");
         let mut c = mount("ext4", Mode::SingleNodeWriter);
         c.access_type = None;
-        assert!(parse_capability(Some(&c), "volume_capability")
-            .unwrap_err()
-            .to_string()
-            .contains("access_type"));
+        assert!(parse_capability(Some(&c), "volume_capability").unwrap_err().to_string().contains("access_type"));
         let mut c = mount("ext4", Mode::SingleNodeWriter);
         c.access_mode = None;
-        assert!(parse_capability(Some(&c), "cap")
-            .unwrap_err()
-            .to_string()
-            .contains("access_mode"));
+        assert!(parse_capability(Some(&c), "cap").unwrap_err().to_string().contains("access_mode"));
         let c = mount("ext4", Mode::Unknown);
         assert!(parse_capability(Some(&c), "cap").is_err());
         let mut c = mount("ext4", Mode::SingleNodeWriter);
         c.access_mode = Some(AccessMode { mode: 42 });
         assert!(parse_capability(Some(&c), "cap").is_err());
-        assert_eq!(
-            parse_capabilities(&[]).unwrap_err().to_string(),
-            "volume_capabilities is required"
-        );
+        assert_eq!(parse_capabilities(&[]).unwrap_err().to_string(), "volume_capabilities is required");
     }
 
     #[test]
@@ -237,21 +200,11 @@ mod tests {
             m.volume_mount_group = "2000".into();
         }
         let s = parse_capability(Some(&c), "c").unwrap();
-        assert_eq!(
-            s.access,
-            Access::Mount {
-                fs_type: None,
-                flags: vec!["noatime".into()],
-                mount_group: Some(2000)
-            }
-        );
+        assert_eq!(s.access, Access::Mount { fs_type: None, flags: vec!["noatime".into()], mount_group: Some(2000) });
         if let Some(AccessType::Mount(m)) = c.access_type.as_mut() {
             m.volume_mount_group = "wheel".into();
         }
-        assert!(parse_capability(Some(&c), "c")
-            .unwrap_err()
-            .to_string()
-            .contains("wheel"));
+        assert!(parse_capability(Some(&c), "c").unwrap_err().to_string().contains("wheel"));
     }
 
     #[test]
@@ -259,52 +212,28 @@ mod tests {
         let p = |c: VolumeCapability| parse_capability(Some(&c), "c").unwrap();
         assert!(check_supported(&p(block(Mode::MultiNodeMultiWriter)), VolumeKind::Block).is_ok());
         assert!(check_supported(&p(mount("", Mode::SingleNodeWriter)), VolumeKind::Block).is_ok());
-        assert!(
-            check_supported(&p(mount("", Mode::MultiNodeReaderOnly)), VolumeKind::Block).is_ok()
-        );
-        assert!(
-            check_supported(&p(mount("", Mode::MultiNodeMultiWriter)), VolumeKind::Block).is_err()
-        );
-        assert!(check_supported(
-            &p(mount("", Mode::MultiNodeSingleWriter)),
-            VolumeKind::Block
-        )
-        .is_err());
-        assert!(
-            check_supported(&p(mount("", Mode::MultiNodeMultiWriter)), VolumeKind::File).is_ok()
-        );
-        assert!(
-            check_supported(&p(mount("ext4", Mode::SingleNodeWriter)), VolumeKind::File).is_err()
-        );
+        assert!(check_supported(&p(mount("", Mode::MultiNodeReaderOnly)), VolumeKind::Block).is_ok());
+        assert!(check_supported(&p(mount("", Mode::MultiNodeMultiWriter)), VolumeKind::Block).is_err());
+        assert!(check_supported(&p(mount("", Mode::MultiNodeSingleWriter)), VolumeKind::Block).is_err());
+        assert!(check_supported(&p(mount("", Mode::MultiNodeMultiWriter)), VolumeKind::File).is_ok());
+        assert!(check_supported(&p(mount("ext4", Mode::SingleNodeWriter)), VolumeKind::File).is_err());
         assert!(check_supported(&p(block(Mode::SingleNodeWriter)), VolumeKind::File).is_err());
     }
 
     #[test]
     fn effective_fs() {
         let s = parse_capability(Some(&mount("", Mode::SingleNodeWriter)), "c").unwrap();
-        assert_eq!(
-            effective_fs_type(&s, Some(FsType::Xfs)),
-            Ok(Some(FsType::Xfs))
-        );
+        assert_eq!(effective_fs_type(&s, Some(FsType::Xfs)), Ok(Some(FsType::Xfs)));
         assert_eq!(effective_fs_type(&s, None), Ok(None));
         let s = parse_capability(Some(&mount("ext4", Mode::SingleNodeWriter)), "c").unwrap();
         assert!(effective_fs_type(&s, Some(FsType::Xfs)).is_err());
-        assert_eq!(
-            effective_fs_type(&s, Some(FsType::Ext4)),
-            Ok(Some(FsType::Ext4))
-        );
+        assert_eq!(effective_fs_type(&s, Some(FsType::Ext4)), Ok(Some(FsType::Ext4)));
     }
 
     #[test]
     fn modes_map_to_volumed() {
-        assert_eq!(
-            to_volumed_mode(Mode::SingleNodeSingleWriter),
-            vd::AccessMode::SingleNodeWriter
-        );
-        assert_eq!(
-            to_volumed_mode(Mode::MultiNodeMultiWriter),
-            vd::AccessMode::MultiNodeMultiWriter
-        );
+        assert_eq!(to_volumed_mode(Mode::SingleNodeSingleWriter), vd::AccessMode::SingleNodeWriter);
+        assert_eq!(to_volumed_mode(Mode::MultiNodeMultiWriter), vd::AccessMode::MultiNodeMultiWriter);
         assert!(is_reader_only(Mode::MultiNodeReaderOnly));
         assert!(!is_multi_node(Mode::SingleNodeMultiWriter));
     }

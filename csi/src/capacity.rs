@@ -16,8 +16,7 @@ pub const DEFAULT_SIZE: u64 = 1 << 30;
 pub const MAX_SIZE: u64 = 64 << 40;
 
 pub fn round_up(n: u64) -> Option<u64> {
-    n.checked_add(ALLOCATION_UNIT - 1)
-        .map(|v| v / ALLOCATION_UNIT * ALLOCATION_UNIT)
+    n.checked_add(ALLOCATION_UNIT - 1).map(|v| v / ALLOCATION_UNIT * ALLOCATION_UNIT)
 }
 
 pub fn round_down(n: u64) -> u64 {
@@ -34,10 +33,7 @@ fn fields(range: Option<&CapacityRange>) -> Result<(u64, u64), CsiError> {
         )));
     }
     if r.limit_bytes < 0 {
-        return Err(CsiError::InvalidArgument(format!(
-            "capacity_range.limit_bytes is negative ({})",
-            r.limit_bytes
-        )));
+        return Err(CsiError::InvalidArgument(format!("capacity_range.limit_bytes is negative ({})", r.limit_bytes)));
     }
     let (req, lim) = (r.required_bytes as u64, r.limit_bytes as u64);
     if req > 0 && lim > 0 && lim < req {
@@ -79,9 +75,7 @@ pub fn resolve(range: Option<&CapacityRange>, default: u64) -> Result<u64, CsiEr
 }
 
 fn too_large(n: u64) -> CsiError {
-    CsiError::OutOfRange(format!(
-        "{n} bytes is larger than the largest volume ({MAX_SIZE} bytes)"
-    ))
+    CsiError::OutOfRange(format!("{n} bytes is larger than the largest volume ({MAX_SIZE} bytes)"))
 }
 
 /// Whether an existing size meets `range` (idempotent CreateVolume).
@@ -106,10 +100,7 @@ mod tests {
     const MIB: u64 = 1 << 20;
 
     fn r(req: i64, lim: i64) -> CapacityRange {
-        CapacityRange {
-            required_bytes: req,
-            limit_bytes: lim,
-        }
+        CapacityRange { required_bytes: req, limit_bytes: lim }
     }
 
     #[test]
@@ -123,26 +114,14 @@ mod tests {
         assert_eq!(resolve(Some(&r(1, 0)), DEFAULT_SIZE).unwrap(), MIB);
         assert_eq!(resolve(Some(&r(MIB as i64, 0)), 0).unwrap(), MIB);
         assert_eq!(resolve(Some(&r(MIB as i64 + 1, 0)), 0).unwrap(), 2 * MIB);
-        assert_eq!(
-            resolve(Some(&r(10 * MIB as i64, 10 * MIB as i64)), 0).unwrap(),
-            10 * MIB
-        );
+        assert_eq!(resolve(Some(&r(10 * MIB as i64, 10 * MIB as i64)), 0).unwrap(), 10 * MIB);
     }
 
     #[test]
     fn limit_only_caps_default() {
-        assert_eq!(
-            resolve(Some(&r(0, 5 * MIB as i64)), DEFAULT_SIZE).unwrap(),
-            5 * MIB
-        );
-        assert_eq!(
-            resolve(Some(&r(0, 5 * MIB as i64 + 7)), DEFAULT_SIZE).unwrap(),
-            5 * MIB
-        );
-        assert_eq!(
-            resolve(Some(&r(0, 4 << 30)), DEFAULT_SIZE).unwrap(),
-            DEFAULT_SIZE
-        );
+        assert_eq!(resolve(Some(&r(0, 5 * MIB as i64)), DEFAULT_SIZE).unwrap(), 5 * MIB);
+        assert_eq!(resolve(Some(&r(0, 5 * MIB as i64 + 7)), DEFAULT_SIZE).unwrap(), 5 * MIB);
+        assert_eq!(resolve(Some(&r(0, 4 << 30)), DEFAULT_SIZE).unwrap(), DEFAULT_SIZE);
     }
 
     #[test]

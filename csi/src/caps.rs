@@ -1,15 +1,16 @@
 //! Capability tables: what each plugin advertises, in one place.
 //!
-//! Snapshot, clone and group-snapshot capabilities are left out until
-//! volumed implements snapshots (issue 5): the spec forbids advertising an
-//! RPC that answers UNIMPLEMENTED.
+//! Only what works is listed: the spec forbids advertising an RPC that
+//! answers UNIMPLEMENTED. Snapshots, clones and group snapshots are served
+//! by volumed's snapshot engine (cut in each volume's Raft log).
 
 use volumed_proto::csi::v1::{
-    controller_service_capability, node_service_capability, plugin_capability,
-    ControllerServiceCapability, NodeServiceCapability, PluginCapability,
+    controller_service_capability, group_controller_service_capability, node_service_capability, plugin_capability,
+    ControllerServiceCapability, GroupControllerServiceCapability, NodeServiceCapability, PluginCapability,
 };
 
 use controller_service_capability::rpc::Type as CtrlRpc;
+use group_controller_service_capability::rpc::Type as GroupRpc;
 use node_service_capability::rpc::Type as NodeRpc;
 
 /// RPC capabilities of the controller service.
@@ -25,7 +26,14 @@ pub const CONTROLLER_RPCS: &[CtrlRpc] = &[
     CtrlRpc::SingleNodeMultiWriter,
     CtrlRpc::PublishReadonly,
     CtrlRpc::ModifyVolume,
+    CtrlRpc::CreateDeleteSnapshot,
+    CtrlRpc::ListSnapshots,
+    CtrlRpc::GetSnapshot,
+    CtrlRpc::CloneVolume,
 ];
+
+/// RPC capabilities of the group controller service.
+pub const GROUP_CONTROLLER_RPCS: &[GroupRpc] = &[GroupRpc::CreateDeleteGetVolumeGroupSnapshot];
 
 /// RPC capabilities of the node service.
 pub const NODE_RPCS: &[NodeRpc] = &[
@@ -41,9 +49,20 @@ pub fn controller_capabilities() -> Vec<ControllerServiceCapability> {
     CONTROLLER_RPCS
         .iter()
         .map(|t| ControllerServiceCapability {
-            r#type: Some(controller_service_capability::Type::Rpc(
-                controller_service_capability::Rpc { r#type: *t as i32 },
-            )),
+            r#type: Some(controller_service_capability::Type::Rpc(controller_service_capability::Rpc {
+                r#type: *t as i32,
+            })),
+        })
+        .collect()
+}
+
+pub fn group_controller_capabilities() -> Vec<GroupControllerServiceCapability> {
+    GROUP_CONTROLLER_RPCS
+        .iter()
+        .map(|t| GroupControllerServiceCapability {
+            r#type: Some(group_controller_service_capability::Type::Rpc(group_controller_service_capability::Rpc {
+                r#type: *t as i32,
+            })),
         })
         .collect()
 }
@@ -52,9 +71,7 @@ pub fn node_capabilities() -> Vec<NodeServiceCapability> {
     NODE_RPCS
         .iter()
         .map(|t| NodeServiceCapability {
-            r#type: Some(node_service_capability::Type::Rpc(
-                node_service_capability::Rpc { r#type: *t as i32 },
-            )),
+            r#type: Some(node_service_capability::Type::Rpc(node_service_capability::Rpc { r#type: *t as i32 })),
         })
         .collect()
 }
@@ -65,7 +82,7 @@ pub struct PluginFeatures {
     pub controller_service: bool,
     pub accessibility_constraints: bool,
     pub online_expansion: bool,
-    /// Only once volumed has group snapshots.
+    /// Group snapshots (one consistent cut across volumes).
     pub group_controller_service: bool,
 }
 
@@ -77,16 +94,14 @@ impl PluginFeatures {
             controller_service: true,
             accessibility_constraints: true,
             online_expansion: true,
-            group_controller_service: false,
+            group_controller_service: true,
         }
     }
 
     pub fn capabilities(&self) -> Vec<PluginCapability> {
         use plugin_capability::service::Type as Svc;
         let svc = |t: Svc| PluginCapability {
-            r#type: Some(plugin_capability::Type::Service(
-                plugin_capability::Service { r#type: t as i32 },
-            )),
+            r#type: Some(plugin_capability::Type::Service(plugin_capability::Service { r#type: t as i32 })),
         };
         let mut out = Vec::new();
         if self.controller_service {
@@ -100,11 +115,9 @@ impl PluginFeatures {
         }
         if self.online_expansion {
             out.push(PluginCapability {
-                r#type: Some(plugin_capability::Type::VolumeExpansion(
-                    plugin_capability::VolumeExpansion {
-                        r#type: plugin_capability::volume_expansion::Type::Online as i32,
-                    },
-                )),
+                r#type: Some(plugin_capability::Type::VolumeExpansion(plugin_capability::VolumeExpansion {
+                    r#type: plugin_capability::volume_expansion::Type::Online as i32,
+                })),
             });
         }
         out
@@ -116,16 +129,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn no_snapshot_capabilities_until_volumed_has_them() {
-        for forbidden in [
-            CtrlRpc::CreateDeleteSnapshot,
-            CtrlRpc::ListSnapshots,
-            CtrlRpc::GetSnapshot,
-            CtrlRpc::CloneVolume,
-        ] {
-            assert!(!CONTROLLER_RPCS.contains(&forbidden), "{forbidden:?}");
+    fn snapshot_and_clone_capabilities_are_advertised() {
+        for wanted in
+            [CtrlRpc::CreateDeleteSnapshot, CtrlRpc::ListSnapshots, CtrlRpc::GetSnapshot, CtrlRpc::CloneVolume]
+        {
+            assert!(CONTROLLER_RPCS.contains(&wanted), "{wanted:?}");
         }
-        assert!(!PluginFeatures::current().group_controller_service);
+        assert!(PluginFeatures::current().group_controller_service);
+        assert_eq!(
+            group_controller_capabilities(),
+            vec![GroupControllerServiceCapability {
+                r#type: Some(group_controller_service_capability::Type::Rpc(
+                    group_controller_service_capability::Rpc {
+                        r#type: GroupRpc::CreateDeleteGetVolumeGroupSnapshot as i32
+                    }
+                )),
+            }]
+        );
     }
 
     #[test]
@@ -133,6 +153,10 @@ mod tests {
         assert_eq!(controller_capabilities().len(), CONTROLLER_RPCS.len());
         assert_eq!(node_capabilities().len(), 6);
         let caps = PluginFeatures::current().capabilities();
-        assert_eq!(caps.len(), 3);
+        assert_eq!(caps.len(), 4);
+        let svc = |t: plugin_capability::service::Type| PluginCapability {
+            r#type: Some(plugin_capability::Type::Service(plugin_capability::Service { r#type: t as i32 })),
+        };
+        assert!(caps.contains(&svc(plugin_capability::service::Type::GroupControllerService)));
     }
 }

@@ -93,9 +93,7 @@ pub fn from_volumed(status: Status, context: impl Display) -> CsiError {
     let code = match status.code() {
         // tonic reports connection failures as UNKNOWN/CANCELLED in some
         // versions; to a CO they all mean "try again later".
-        Code::Unknown | Code::Cancelled if status.message().contains("transport") => {
-            Code::Unavailable
-        }
+        Code::Unknown | Code::Cancelled if status.message().contains("transport") => Code::Unavailable,
         c => c,
     };
     let msg = if status.message().is_empty() {
@@ -118,17 +116,11 @@ mod tests {
     #[test]
     fn codes_follow_variants() {
         assert_eq!(CsiError::Missing("volume_id").code(), Code::InvalidArgument);
-        assert_eq!(
-            Status::from(CsiError::Missing("volume_id")).message(),
-            "volume_id is required"
-        );
+        assert_eq!(Status::from(CsiError::Missing("volume_id")).message(), "volume_id is required");
         assert_eq!(CsiError::NotFound("x".into()).code(), Code::NotFound);
         assert_eq!(CsiError::OutOfRange("x".into()).code(), Code::OutOfRange);
         assert_eq!(CsiError::Aborted("x".into()).code(), Code::Aborted);
-        assert_eq!(
-            CsiError::with_code(Code::DataLoss, "x".into()).code(),
-            Code::Internal
-        );
+        assert_eq!(CsiError::with_code(Code::DataLoss, "x".into()).code(), Code::Internal);
     }
 
     #[test]

@@ -6,8 +6,8 @@ use std::time::Duration;
 use tonic::{Request, Response, Status};
 use volumed_proto::csi::v1::identity_server::Identity;
 use volumed_proto::csi::v1::{
-    GetPluginCapabilitiesRequest, GetPluginCapabilitiesResponse, GetPluginInfoRequest,
-    GetPluginInfoResponse, ProbeRequest, ProbeResponse,
+    GetPluginCapabilitiesRequest, GetPluginCapabilitiesResponse, GetPluginInfoRequest, GetPluginInfoResponse,
+    ProbeRequest, ProbeResponse,
 };
 
 use crate::caps::PluginFeatures;
@@ -30,16 +30,8 @@ pub struct IdentityService {
 }
 
 impl IdentityService {
-    pub fn new(
-        driver_name: impl Into<String>,
-        features: PluginFeatures,
-        readiness: Arc<dyn Readiness>,
-    ) -> Self {
-        IdentityService {
-            driver_name: driver_name.into(),
-            features,
-            readiness,
-        }
+    pub fn new(driver_name: impl Into<String>, features: PluginFeatures, readiness: Arc<dyn Readiness>) -> Self {
+        IdentityService { driver_name: driver_name.into(), features, readiness }
     }
 }
 
@@ -64,17 +56,12 @@ impl Identity for IdentityService {
         _request: Request<GetPluginCapabilitiesRequest>,
     ) -> Result<Response<GetPluginCapabilitiesResponse>, Status> {
         observe("GetPluginCapabilities", "", async {
-            Ok(GetPluginCapabilitiesResponse {
-                capabilities: self.features.capabilities(),
-            })
+            Ok(GetPluginCapabilitiesResponse { capabilities: self.features.capabilities() })
         })
         .await
     }
 
-    async fn probe(
-        &self,
-        _request: Request<ProbeRequest>,
-    ) -> Result<Response<ProbeResponse>, Status> {
+    async fn probe(&self, _request: Request<ProbeRequest>) -> Result<Response<ProbeResponse>, Status> {
         observe("Probe", "", async {
             let ready = match tokio::time::timeout(PROBE_TIMEOUT, self.readiness.check()).await {
                 Ok(Ok(())) => true,

@@ -7,7 +7,9 @@
 //!   [`params::VolumeSpec`], volume/publish context keys;
 //! - [`access`]: volume capabilities parsed and checked per volume kind;
 //! - [`capacity`]: CapacityRange semantics;
-//! - [`pagination`]: ListVolumes tokens;
+//! - [`pagination`]: ListVolumes / ListSnapshots tokens;
+//! - [`snapshot_params`]: VolumeSnapshotClass parameters;
+//! - [`deadline`]: the caller's gRPC deadline, for calls that wait;
 //! - [`errors`]: typed errors mapped to CSI status codes;
 //! - [`caps`]: capability tables;
 //! - [`logging`]: log setup and the per-RPC log line;
@@ -17,13 +19,16 @@
 pub mod access;
 pub mod capacity;
 pub mod caps;
+pub mod deadline;
 pub mod errors;
 pub mod harness;
 pub mod identity;
 pub mod logging;
 pub mod pagination;
 pub mod params;
+pub mod plugin_main;
 pub mod serve;
+pub mod snapshot_params;
 pub mod topology;
 
 #[cfg(test)]
@@ -48,18 +53,10 @@ pub fn validate_driver_name(name: &str) -> Result<(), String> {
         return Err("driver name is empty".into());
     }
     if name.len() > 63 {
-        return Err(format!(
-            "driver name \"{name}\" is longer than 63 characters"
-        ));
+        return Err(format!("driver name \"{name}\" is longer than 63 characters"));
     }
-    let first = name
-        .chars()
-        .next()
-        .is_some_and(|c| c.is_ascii_alphanumeric());
-    let last = name
-        .chars()
-        .last()
-        .is_some_and(|c| c.is_ascii_alphanumeric());
+    let first = name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric());
+    let last = name.chars().last().is_some_and(|c| c.is_ascii_alphanumeric());
     if !first || !last || !name.chars().all(ok_inner) {
         return Err(format!(
             "driver name \"{name}\" must be domain-style: alphanumerics, '-' and '.', \

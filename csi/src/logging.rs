@@ -22,9 +22,9 @@ pub enum LogFormat {
 pub fn init(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    // No colour codes when stderr is a log file (a detached process).
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
@@ -33,11 +33,7 @@ pub fn init(format: LogFormat) {
 
 /// Runs one RPC body inside a span carrying the RPC name and volume id and
 /// logs one line with the outcome (gRPC code) and the duration.
-pub async fn observe<T, F>(
-    rpc: &'static str,
-    volume_id: &str,
-    body: F,
-) -> Result<Response<T>, Status>
+pub async fn observe<T, F>(rpc: &'static str, volume_id: &str, body: F) -> Result<Response<T>, Status>
 where
     F: Future<Output = Result<T, CsiError>>,
 {

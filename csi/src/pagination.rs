@@ -1,4 +1,4 @@
-//! Opaque pagination tokens for ListVolumes (and later ListSnapshots).
+//! Opaque pagination tokens for ListVolumes and ListSnapshots.
 //!
 //! A token names the last key returned ("after this id"), not an offset, so
 //! pages stay correct when entries are added or deleted between calls (the
@@ -19,11 +19,7 @@ pub fn encode(after: &str) -> String {
 }
 
 pub fn decode(token: &str) -> Result<String, CsiError> {
-    let bad = || {
-        CsiError::Aborted(format!(
-            "starting_token \"{token}\" was not issued by this plugin"
-        ))
-    };
+    let bad = || CsiError::Aborted(format!("starting_token \"{token}\" was not issued by this plugin"));
     let hex = token.strip_prefix(PREFIX).ok_or_else(bad)?;
     if hex.is_empty() || hex.len() % 2 != 0 {
         return Err(bad());
@@ -45,20 +41,14 @@ pub fn paginate<T>(
     starting_token: &str,
 ) -> Result<(Vec<T>, String), CsiError> {
     if max_entries < 0 {
-        return Err(CsiError::InvalidArgument(format!(
-            "max_entries is negative ({max_entries})"
-        )));
+        return Err(CsiError::InvalidArgument(format!("max_entries is negative ({max_entries})")));
     }
     items.sort_by(|a, b| key(a).cmp(key(b)));
     if !starting_token.is_empty() {
         let after = decode(starting_token)?;
         items.retain(|i| key(i) > after.as_str());
     }
-    let max = if max_entries == 0 {
-        usize::MAX
-    } else {
-        max_entries as usize
-    };
+    let max = if max_entries == 0 { usize::MAX } else { max_entries as usize };
     if items.len() <= max {
         return Ok((items, String::new()));
     }

@@ -54,10 +54,7 @@ pub struct ParamError {
 
 impl ParamError {
     fn new(key: &str, reason: impl Into<String>) -> ParamError {
-        ParamError {
-            key: key.to_string(),
-            reason: reason.into(),
-        }
+        ParamError { key: key.to_string(), reason: reason.into() }
     }
 }
 
@@ -144,10 +141,7 @@ pub struct QosSpec {
 
 impl QosSpec {
     pub fn is_qos_key(key: &str) -> bool {
-        matches!(
-            key,
-            QOS_READ_IOPS | QOS_WRITE_IOPS | QOS_READ_BPS | QOS_WRITE_BPS
-        )
+        matches!(key, QOS_READ_IOPS | QOS_WRITE_IOPS | QOS_READ_BPS | QOS_WRITE_BPS)
     }
 
     /// Sets one QoS key; "0" removes the limit.
@@ -176,10 +170,7 @@ impl QosSpec {
                 // Validate now, apply later on top of the current spec.
                 QosSpec::default().set(key, value)?;
             } else if is_immutable_key(key) {
-                return Err(ParamError::new(
-                    key,
-                    "is immutable; only the QoS keys can be modified",
-                ));
+                return Err(ParamError::new(key, "is immutable; only the QoS keys can be modified"));
             } else {
                 return Err(ParamError::new(key, unknown_key_reason()));
             }
@@ -257,32 +248,23 @@ impl VolumeSpec {
         for (key, value) in sorted(params) {
             match key {
                 REPLICAS => {
-                    let n: u32 = value.trim().parse().map_err(|_| {
-                        ParamError::new(key, format!("\"{value}\" is not a whole number"))
-                    })?;
+                    let n: u32 = value
+                        .trim()
+                        .parse()
+                        .map_err(|_| ParamError::new(key, format!("\"{value}\" is not a whole number")))?;
                     if n == 0 || n > MAX_REPLICAS {
-                        return Err(ParamError::new(
-                            key,
-                            format!("{n} is out of range 1..={MAX_REPLICAS}"),
-                        ));
+                        return Err(ParamError::new(key, format!("{n} is out of range 1..={MAX_REPLICAS}")));
                     }
                     spec.replicas = n;
                 }
                 FS_TYPE => {
                     spec.fs_type = Some(FsType::parse(value).ok_or_else(|| {
-                        ParamError::new(
-                            key,
-                            format!(
-                                "\"{value}\" is not supported (supported: {})",
-                                FsType::SUPPORTED
-                            ),
-                        )
+                        ParamError::new(key, format!("\"{value}\" is not supported (supported: {})", FsType::SUPPORTED))
                     })?);
                 }
                 KIND => {
-                    spec.kind = VolumeKind::parse(value).ok_or_else(|| {
-                        ParamError::new(key, format!("\"{value}\" is not one of block, file"))
-                    })?;
+                    spec.kind = VolumeKind::parse(value)
+                        .ok_or_else(|| ParamError::new(key, format!("\"{value}\" is not one of block, file")))?;
                 }
                 ZONE_SPREAD => {
                     spec.zone_spread = parse_bool(key, value)?;
@@ -326,10 +308,7 @@ impl VolumeSpec {
             ));
         }
         if self.kind != wanted.kind {
-            return Some(format!(
-                "{KIND} is {} on the existing volume, {} requested",
-                self.kind, wanted.kind
-            ));
+            return Some(format!("{KIND} is {} on the existing volume, {} requested", self.kind, wanted.kind));
         }
         if self.fs_type != wanted.fs_type {
             let show = |f: Option<FsType>| f.map_or("unset", FsType::as_str);
@@ -362,10 +341,7 @@ fn unknown_key_reason() -> String {
 
 /// Sorted iteration so the first error reported is deterministic.
 fn sorted(params: &HashMap<String, String>) -> Vec<(&str, &str)> {
-    let mut v: Vec<_> = params
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect();
+    let mut v: Vec<_> = params.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     v.sort();
     v
 }
@@ -374,18 +350,12 @@ fn parse_bool(key: &str, value: &str) -> Result<bool, ParamError> {
     match value {
         "true" | "True" | "TRUE" => Ok(true),
         "false" | "False" | "FALSE" => Ok(false),
-        _ => Err(ParamError::new(
-            key,
-            format!("\"{value}\" is not true or false"),
-        )),
+        _ => Err(ParamError::new(key, format!("\"{value}\" is not true or false"))),
     }
 }
 
 fn parse_count(key: &str, value: &str) -> Result<u64, ParamError> {
-    value
-        .trim()
-        .parse::<u64>()
-        .map_err(|_| ParamError::new(key, format!("\"{value}\" is not a whole number")))
+    value.trim().parse::<u64>().map_err(|_| ParamError::new(key, format!("\"{value}\" is not a whole number")))
 }
 
 /// A Kubernetes-style quantity: `1000`, `10M` (10^6), `10Mi` (2^20), up to
@@ -394,12 +364,7 @@ pub fn parse_quantity(key: &str, value: &str) -> Result<u64, ParamError> {
     let v = value.trim();
     let split = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
     let (digits, suffix) = v.split_at(split);
-    let bad = || {
-        ParamError::new(
-            key,
-            format!("\"{value}\" is not a quantity (examples: 1000, 500M, 64Mi)"),
-        )
-    };
+    let bad = || ParamError::new(key, format!("\"{value}\" is not a quantity (examples: 1000, 500M, 64Mi)"));
     if digits.is_empty() {
         return Err(bad());
     }
@@ -420,8 +385,7 @@ pub fn parse_quantity(key: &str, value: &str) -> Result<u64, ParamError> {
         "Ei" => 1 << 60,
         _ => return Err(bad()),
     };
-    n.checked_mul(mult)
-        .ok_or_else(|| ParamError::new(key, format!("\"{value}\" is too large")))
+    n.checked_mul(mult).ok_or_else(|| ParamError::new(key, format!("\"{value}\" is too large")))
 }
 
 /// What the node plugin reads back from `volume_context`.
@@ -448,18 +412,14 @@ impl NodeContext {
     pub fn from_context(ctx: &HashMap<String, String>) -> Result<NodeContext, ParamError> {
         let mut out = NodeContext::default();
         if let Some(k) = ctx.get(context::KIND) {
-            out.kind = VolumeKind::parse(k).ok_or_else(|| {
-                ParamError::new(context::KIND, format!("\"{k}\" is not one of block, file"))
-            })?;
+            out.kind = VolumeKind::parse(k)
+                .ok_or_else(|| ParamError::new(context::KIND, format!("\"{k}\" is not one of block, file")))?;
         }
         if let Some(f) = ctx.get(context::FS_TYPE) {
             out.fs_type = Some(FsType::parse(f).ok_or_else(|| {
                 ParamError::new(
                     context::FS_TYPE,
-                    format!(
-                        "\"{f}\" is not supported (supported: {})",
-                        FsType::SUPPORTED
-                    ),
+                    format!("\"{f}\" is not supported (supported: {})", FsType::SUPPORTED),
                 )
             })?);
         }
@@ -472,10 +432,7 @@ mod tests {
     use super::*;
 
     fn map(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
     #[test]
@@ -510,9 +467,7 @@ mod tests {
         // Round trip through the stored form.
         let again = VolumeSpec::from_parameters(&s.to_parameters()).unwrap();
         assert_eq!(again, s);
-        assert!(!s
-            .to_parameters()
-            .contains_key("csi.storage.k8s.io/pvc/name"));
+        assert!(!s.to_parameters().contains_key("csi.storage.k8s.io/pvc/name"));
     }
 
     #[test]
@@ -546,8 +501,7 @@ mod tests {
 
     #[test]
     fn fs_type_with_file_kind_is_rejected() {
-        let err =
-            VolumeSpec::from_parameters(&map(&[("kind", "file"), ("fsType", "ext4")])).unwrap_err();
+        let err = VolumeSpec::from_parameters(&map(&[("kind", "file"), ("fsType", "ext4")])).unwrap_err();
         assert_eq!(err.key, "fsType");
         assert!(VolumeSpec::from_parameters(&map(&[("kind", "file")])).is_ok());
     }
@@ -571,11 +525,7 @@ mod tests {
     #[test]
     fn mutable_parameters_accept_only_qos() {
         let change = QosSpec::from_mutable(&map(&[("qos.readIOPS", "100")])).unwrap();
-        let mut q = QosSpec {
-            read_iops: Some(5),
-            write_iops: Some(7),
-            ..Default::default()
-        };
+        let mut q = QosSpec { read_iops: Some(5), write_iops: Some(7), ..Default::default() };
         change.apply(&mut q);
         assert_eq!(q.read_iops, Some(100));
         assert_eq!(q.write_iops, Some(7));
@@ -613,10 +563,7 @@ mod tests {
         let nc = NodeContext::from_context(&ctx).unwrap();
         assert_eq!(nc.fs_type, Some(FsType::Xfs));
         assert_eq!(nc.kind, VolumeKind::Block);
-        assert_eq!(
-            NodeContext::from_context(&HashMap::new()).unwrap(),
-            NodeContext::default()
-        );
+        assert_eq!(NodeContext::from_context(&HashMap::new()).unwrap(), NodeContext::default());
         let err = NodeContext::from_context(&map(&[(context::FS_TYPE, "ntfs")])).unwrap_err();
         assert_eq!(err.key, context::FS_TYPE);
         let err = NodeContext::from_context(&map(&[(context::KIND, "tape")])).unwrap_err();

@@ -36,10 +36,7 @@ impl FromStr for Endpoint {
     type Err = EndpointError;
 
     fn from_str(s: &str) -> Result<Endpoint, EndpointError> {
-        let err = |reason: &str| EndpointError {
-            input: s.to_string(),
-            reason: reason.to_string(),
-        };
+        let err = |reason: &str| EndpointError { input: s.to_string(), reason: reason.to_string() };
         let unix_path = if let Some(rest) = s.strip_prefix("unix://") {
             Some(rest)
         } else if let Some(rest) = s.strip_prefix("unix:") {
@@ -51,9 +48,7 @@ impl FromStr for Endpoint {
         };
         if let Some(p) = unix_path {
             if !p.starts_with('/') {
-                return Err(err(
-                    "a unix socket path must be absolute (unix:///path/to/csi.sock)",
-                ));
+                return Err(err("a unix socket path must be absolute (unix:///path/to/csi.sock)"));
             }
             if p.len() > 107 {
                 return Err(err("a unix socket path must be shorter than 108 bytes"));
@@ -65,9 +60,7 @@ impl FromStr for Endpoint {
             .or_else(|| s.strip_prefix("http://"))
             .ok_or_else(|| err("expected unix:///path or tcp://ip:port"))?;
         let addr = addr.trim_end_matches('/');
-        addr.parse::<SocketAddr>()
-            .map(Endpoint::Tcp)
-            .map_err(|_| err("expected tcp://ip:port with a numeric address"))
+        addr.parse::<SocketAddr>().map(Endpoint::Tcp).map_err(|_| err("expected tcp://ip:port with a numeric address"))
     }
 }
 
@@ -106,27 +99,22 @@ pub enum ServeError {
 /// A socket someone still answers on is never taken over, and a path that
 /// is not a socket is never deleted.
 pub fn bind_unix(path: &Path) -> Result<UnixListener, ServeError> {
-    let io_err = |source| ServeError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
+    let io_err = |source| ServeError::Io { path: path.to_path_buf(), source };
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent).map_err(io_err)?;
     }
     match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_socket() => {
-            match std::os::unix::net::UnixStream::connect(path) {
-                Ok(_) => return Err(ServeError::InUse(path.to_path_buf())),
-                Err(_) => {
-                    tracing::info!(path = %path.display(), "removing stale socket");
-                    match std::fs::remove_file(path) {
-                        Ok(()) => {}
-                        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                        Err(e) => return Err(io_err(e)),
-                    }
+        Ok(meta) if meta.file_type().is_socket() => match std::os::unix::net::UnixStream::connect(path) {
+            Ok(_) => return Err(ServeError::InUse(path.to_path_buf())),
+            Err(_) => {
+                tracing::info!(path = %path.display(), "removing stale socket");
+                match std::fs::remove_file(path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(io_err(e)),
                 }
             }
-        }
+        },
         Ok(_) => return Err(ServeError::NotSocket(path.to_path_buf())),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(io_err(e)),
@@ -145,18 +133,13 @@ pub async fn serve(
         Endpoint::Unix(path) => {
             let listener = bind_unix(path)?;
             tracing::info!(endpoint = %endpoint, "serving");
-            let res = router
-                .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
-                .await;
+            let res = router.serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown).await;
             let _ = std::fs::remove_file(path);
             res.map_err(ServeError::from)
         }
         Endpoint::Tcp(addr) => {
             tracing::info!(endpoint = %endpoint, "serving");
-            router
-                .serve_with_shutdown(*addr, shutdown)
-                .await
-                .map_err(ServeError::from)
+            router.serve_with_shutdown(*addr, shutdown).await.map_err(ServeError::from)
         }
     }
 }
@@ -177,9 +160,7 @@ pub fn channel(endpoint: &Endpoint) -> Channel {
         Endpoint::Tcp(addr) => {
             let uri = format!("http://{addr}");
             match tonic::transport::Endpoint::from_shared(uri) {
-                Ok(ep) => ep
-                    .connect_timeout(std::time::Duration::from_secs(5))
-                    .connect_lazy(),
+                Ok(ep) => ep.connect_timeout(std::time::Duration::from_secs(5)).connect_lazy(),
                 // A SocketAddr always renders as a valid authority.
                 Err(_) => unreachable_channel(),
             }
@@ -215,18 +196,9 @@ mod tests {
 
     #[test]
     fn endpoints_parse() {
-        assert_eq!(
-            "unix:///csi/csi.sock".parse::<Endpoint>().unwrap(),
-            Endpoint::Unix("/csi/csi.sock".into())
-        );
-        assert_eq!(
-            "unix:/csi/csi.sock".parse::<Endpoint>().unwrap(),
-            Endpoint::Unix("/csi/csi.sock".into())
-        );
-        assert_eq!(
-            "/run/x.sock".parse::<Endpoint>().unwrap(),
-            Endpoint::Unix("/run/x.sock".into())
-        );
+        assert_eq!("unix:///csi/csi.sock".parse::<Endpoint>().unwrap(), Endpoint::Unix("/csi/csi.sock".into()));
+        assert_eq!("unix:/csi/csi.sock".parse::<Endpoint>().unwrap(), Endpoint::Unix("/csi/csi.sock".into()));
+        assert_eq!("/run/x.sock".parse::<Endpoint>().unwrap(), Endpoint::Unix("/run/x.sock".into()));
         assert_eq!(
             "tcp://127.0.0.1:9000".parse::<Endpoint>().unwrap(),
             Endpoint::Tcp("127.0.0.1:9000".parse().unwrap())
@@ -235,21 +207,12 @@ mod tests {
             "http://127.0.0.1:9000/".parse::<Endpoint>().unwrap(),
             Endpoint::Tcp("127.0.0.1:9000".parse().unwrap())
         );
-        for bad in [
-            "unix://relative.sock",
-            "csi.sock",
-            "tcp://localhost:1",
-            "ftp://x",
-            "",
-        ] {
+        for bad in ["unix://relative.sock", "csi.sock", "tcp://localhost:1", "ftp://x", ""] {
             assert!(bad.parse::<Endpoint>().is_err(), "{bad}");
         }
         let long = format!("unix:///{}", "a".repeat(120));
         assert!(long.parse::<Endpoint>().is_err());
-        assert_eq!(
-            Endpoint::Unix("/a/b.sock".into()).to_string(),
-            "unix:///a/b.sock"
-        );
+        assert_eq!(Endpoint::Unix("/a/b.sock".into()).to_string(), "unix:///a/b.sock");
     }
 
     #[tokio::test]

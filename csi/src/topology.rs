@@ -23,11 +23,7 @@ pub fn is_topology_key(key: &str) -> bool {
 
 /// The topology segments of a node's labels.
 pub fn segments(labels: &HashMap<String, String>) -> HashMap<String, String> {
-    labels
-        .iter()
-        .filter(|(k, _)| is_topology_key(k))
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect()
+    labels.iter().filter(|(k, _)| is_topology_key(k)).map(|(k, v)| (k.clone(), v.clone())).collect()
 }
 
 /// Whether a node with `labels` lies in `topology` (every segment matches).
@@ -50,11 +46,7 @@ pub fn accessible_topology(volume: &vd::Volume, nodes: &[vd::Node]) -> Vec<Topol
         }
     }
     seen.sort();
-    seen.into_iter()
-        .map(|s| Topology {
-            segments: s.into_iter().collect(),
-        })
-        .collect()
+    seen.into_iter().map(|s| Topology { segments: s.into_iter().collect() }).collect()
 }
 
 #[cfg(test)]
@@ -64,30 +56,19 @@ mod tests {
     fn node(id: u64, labels: &[(&str, &str)]) -> vd::Node {
         vd::Node {
             node_id: id,
-            labels: labels
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
+            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             ..Default::default()
         }
     }
 
     #[test]
     fn only_topology_labels_count() {
-        let n = node(
-            1,
-            &[
-                ("topology.kubernetes.io/zone", "a"),
-                ("kubernetes.io/hostname", "h1"),
-                ("rack", "r1"),
-            ],
-        );
+        let n = node(1, &[("topology.kubernetes.io/zone", "a"), ("kubernetes.io/hostname", "h1"), ("rack", "r1")]);
         let s = segments(&n.labels);
         assert_eq!(s.len(), 1);
         assert_eq!(s["topology.kubernetes.io/zone"], "a");
         assert!(matches(&n.labels, &s));
-        let other: HashMap<String, String> =
-            [("topology.kubernetes.io/zone".to_string(), "b".to_string())].into();
+        let other: HashMap<String, String> = [("topology.kubernetes.io/zone".to_string(), "b".to_string())].into();
         assert!(!matches(&n.labels, &other));
         assert!(matches(&n.labels, &HashMap::new()));
     }
@@ -101,20 +82,11 @@ mod tests {
             node(4, &[("topology.kubernetes.io/zone", "c")]),
         ];
         let vol = vd::Volume {
-            replicas: [1, 2, 3]
-                .iter()
-                .map(|&id| vd::Replica {
-                    node_id: id,
-                    ..Default::default()
-                })
-                .collect(),
+            replicas: [1, 2, 3].iter().map(|&id| vd::Replica { node_id: id, ..Default::default() }).collect(),
             ..Default::default()
         };
         let t = accessible_topology(&vol, &nodes);
-        let zones: Vec<_> = t
-            .iter()
-            .map(|t| t.segments["topology.kubernetes.io/zone"].clone())
-            .collect();
+        let zones: Vec<_> = t.iter().map(|t| t.segments["topology.kubernetes.io/zone"].clone()).collect();
         assert_eq!(zones, vec!["a", "b"]);
         let bare = vec![node(1, &[]), node(2, &[]), node(3, &[])];
         assert!(accessible_topology(&vol, &bare).is_empty());

@@ -16,75 +16,35 @@ fn field_numbers_match_the_spec() {
         mutable_parameters: [("a".to_string(), "b".to_string())].into(),
         ..Default::default()
     };
-    assert_eq!(
-        r.encode_to_vec(),
-        vec![key(8, 2), 6, key(1, 2), 1, b'a', key(2, 2), 1, b'b']
-    );
+    assert_eq!(r.encode_to_vec(), vec![key(8, 2), 6, key(1, 2), 1, b'a', key(2, 2), 1, b'b']);
 
     // MountVolume.volume_mount_group = 3.
-    let m = csi::volume_capability::MountVolume {
-        volume_mount_group: "7".into(),
-        ..Default::default()
-    };
+    let m = csi::volume_capability::MountVolume { volume_mount_group: "7".into(), ..Default::default() };
     assert_eq!(m.encode_to_vec(), vec![key(3, 2), 1, b'7']);
 
     // NodeStageVolumeRequest.staging_target_path = 3, volume_context = 6.
-    let s = csi::NodeStageVolumeRequest {
-        staging_target_path: "/s".into(),
-        ..Default::default()
-    };
+    let s = csi::NodeStageVolumeRequest { staging_target_path: "/s".into(), ..Default::default() };
     assert_eq!(s.encode_to_vec(), vec![key(3, 2), 2, b'/', b's']);
 
     // NodePublishVolumeRequest.target_path = 4, readonly = 6.
-    let p = csi::NodePublishVolumeRequest {
-        target_path: "/t".into(),
-        readonly: true,
-        ..Default::default()
-    };
-    assert_eq!(
-        p.encode_to_vec(),
-        vec![key(4, 2), 2, b'/', b't', key(6, 0), 1]
-    );
+    let p = csi::NodePublishVolumeRequest { target_path: "/t".into(), readonly: true, ..Default::default() };
+    assert_eq!(p.encode_to_vec(), vec![key(4, 2), 2, b'/', b't', key(6, 0), 1]);
 
     // Snapshot.group_snapshot_id = 6; ControllerModifyVolumeRequest.mutable_parameters = 3.
-    let sn = csi::Snapshot {
-        group_snapshot_id: "g".into(),
-        ..Default::default()
-    };
+    let sn = csi::Snapshot { group_snapshot_id: "g".into(), ..Default::default() };
     assert_eq!(sn.encode_to_vec(), vec![key(6, 2), 1, b'g']);
     let mv = csi::ControllerModifyVolumeRequest {
         volume_id: "v".into(),
         mutable_parameters: [("k".to_string(), "v".to_string())].into(),
         ..Default::default()
     };
-    assert_eq!(
-        mv.encode_to_vec(),
-        vec![
-            key(1, 2),
-            1,
-            b'v',
-            key(3, 2),
-            6,
-            key(1, 2),
-            1,
-            b'k',
-            key(2, 2),
-            1,
-            b'v'
-        ]
-    );
+    assert_eq!(mv.encode_to_vec(), vec![key(1, 2), 1, b'v', key(3, 2), 6, key(1, 2), 1, b'k', key(2, 2), 1, b'v']);
 
     // ControllerExpandVolumeResponse.node_expansion_required = 2;
     // NodeGetInfoResponse.max_volumes_per_node = 2 (int64).
-    let e = csi::ControllerExpandVolumeResponse {
-        capacity_bytes: 1,
-        node_expansion_required: true,
-    };
+    let e = csi::ControllerExpandVolumeResponse { capacity_bytes: 1, node_expansion_required: true };
     assert_eq!(e.encode_to_vec(), vec![key(1, 0), 1, key(2, 0), 1]);
-    let ni = csi::NodeGetInfoResponse {
-        max_volumes_per_node: 5,
-        ..Default::default()
-    };
+    let ni = csi::NodeGetInfoResponse { max_volumes_per_node: 5, ..Default::default() };
     assert_eq!(ni.encode_to_vec(), vec![key(2, 0), 5]);
 
     // ProbeResponse.ready is a google.protobuf.BoolValue (a message).
@@ -92,10 +52,7 @@ fn field_numbers_match_the_spec() {
     assert_eq!(pr.encode_to_vec(), vec![key(1, 2), 2, key(1, 0), 1]);
 
     // GetCapacityResponse.maximum_volume_size = 2 is an Int64Value.
-    let gc = csi::GetCapacityResponse {
-        maximum_volume_size: Some(3),
-        ..Default::default()
-    };
+    let gc = csi::GetCapacityResponse { maximum_volume_size: Some(3), ..Default::default() };
     assert_eq!(gc.encode_to_vec(), vec![key(2, 2), 2, key(1, 0), 3]);
 }
 

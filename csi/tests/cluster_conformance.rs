@@ -2,8 +2,10 @@
 //! public csi-sanity suite (required fields, NOT_FOUND cases, idempotency
 //! of every call, pagination, capacity semantics, the full lifecycle twice).
 //!
-//! `VOLUMED_CLUSTER_STATE=<state-dir> cargo test -p volumed-csi --test
-//! cluster_conformance -- --ignored --test-threads 1` (as root).
+//! Every test starts a dev cluster of its own (`volctl dev up`; see
+//! `common`): `cargo build --workspace --bins && cargo test -p volumed-csi
+//! --test cluster_conformance` as root. With `VOLUMED_CLUSTER_STATE=<state-dir>` the
+//! tests use that running cluster instead.
 
 mod common;
 
@@ -14,134 +16,54 @@ use tonic::Code;
 use volumed_csi::proto::{self as csi};
 
 #[tokio::test]
-#[ignore = "needs a running volumed cluster: set VOLUMED_CLUSTER_STATE"]
 async fn identity() {
-    let c = Csi::connect(&cluster());
-    let info = c
-        .identity
-        .clone()
-        .get_plugin_info(csi::GetPluginInfoRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let c = Csi::connect(cluster());
+    let info = c.identity.clone().get_plugin_info(csi::GetPluginInfoRequest {}).await.unwrap().into_inner();
     assert_eq!(info.name, "csi.volumed.dev");
     assert!(!info.vendor_version.is_empty());
-    let probe = c
-        .identity
-        .clone()
-        .probe(csi::ProbeRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let probe = c.identity.clone().probe(csi::ProbeRequest {}).await.unwrap().into_inner();
     assert_eq!(probe.ready, Some(true), "controller ready with volumed up");
-    let caps = c
-        .identity
-        .clone()
-        .get_plugin_capabilities(csi::GetPluginCapabilitiesRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let caps =
+        c.identity.clone().get_plugin_capabilities(csi::GetPluginCapabilitiesRequest {}).await.unwrap().into_inner();
     assert!(!caps.capabilities.is_empty());
     for n in &c.nodes {
-        let ni = n
-            .identity
-            .clone()
-            .get_plugin_info(csi::GetPluginInfoRequest {})
-            .await
-            .unwrap()
-            .into_inner();
+        let ni = n.identity.clone().get_plugin_info(csi::GetPluginInfoRequest {}).await.unwrap().into_inner();
         assert_eq!(ni.name, info.name, "one driver name on every socket");
-        assert_eq!(
-            n.identity
-                .clone()
-                .probe(csi::ProbeRequest {})
-                .await
-                .unwrap()
-                .into_inner()
-                .ready,
-            Some(true)
-        );
-        let gi = n
-            .node
-            .clone()
-            .node_get_info(csi::NodeGetInfoRequest {})
-            .await
-            .unwrap()
-            .into_inner();
-        assert_eq!(
-            gi.node_id, n.info.node_id,
-            "NodeGetInfo gives the volumed node id"
-        );
+        assert_eq!(n.identity.clone().probe(csi::ProbeRequest {}).await.unwrap().into_inner().ready, Some(true));
+        let gi = n.node.clone().node_get_info(csi::NodeGetInfoRequest {}).await.unwrap().into_inner();
+        assert_eq!(gi.node_id, n.info.node_id, "NodeGetInfo gives the volumed node id");
         if let Some(t) = gi.accessible_topology {
-            assert!(
-                t.segments
-                    .keys()
-                    .all(|k| volumed_csi::topology::is_topology_key(k)),
-                "{t:?}"
-            );
+            assert!(t.segments.keys().all(|k| volumed_csi::topology::is_topology_key(k)), "{t:?}");
         }
     }
 }
 
 #[tokio::test]
-#[ignore = "needs a running volumed cluster: set VOLUMED_CLUSTER_STATE"]
 async fn create_volume_arguments_and_idempotency() {
-    let c = Csi::connect(&cluster());
+    let c = Csi::connect(cluster());
     let mut ctrl = c.ctrl.clone();
-    code(
-        ctrl.create_volume(create_req("", None, &[], vec![ext4()]))
-            .await,
-        Code::InvalidArgument,
-    );
-    code(
-        ctrl.create_volume(create_req(&c.name("nocaps"), None, &[], vec![]))
-            .await,
-        Code::InvalidArgument,
-    );
+    code(ctrl.create_volume(create_req("", None, &[], vec![ext4()])).await, Code::InvalidArgument);
+    code(ctrl.create_volume(create_req(&c.name("nocaps"), None, &[], vec![])).await, Code::InvalidArgument);
     let m = code(
-        ctrl.create_volume(create_req(
-            &c.name("badparam"),
-            None,
-            &[("replicas", "x")],
-            vec![ext4()],
-        ))
-        .await,
+        ctrl.create_volume(create_req(&c.name("badparam"), None, &[("replicas", "x")], vec![ext4()])).await,
         Code::InvalidArgument,
     );
     assert!(m.contains("replicas"));
 
     let name = c.name("idem");
-    let v1 = c
-        .create(&name, 10 * MIB + 1, &[("replicas", "3")], vec![ext4()])
-        .await
-        .unwrap();
+    let v1 = c.create(&name, 10 * MIB + 1, &[("replicas", "3")], vec![ext4()]).await.unwrap();
     assert!(v1.capacity_bytes > 10 * MIB);
     assert_eq!(v1.capacity_bytes % MIB, 0, "whole allocation units");
-    let v2 = c
-        .create(&name, 10 * MIB + 1, &[("replicas", "3")], vec![ext4()])
-        .await
-        .unwrap();
+    let v2 = c.create(&name, 10 * MIB + 1, &[("replicas", "3")], vec![ext4()]).await.unwrap();
     assert_eq!(v1.volume_id, v2.volume_id, "same name, same volume");
     assert_eq!(v1.volume_context, v2.volume_context);
     let m = code(
-        ctrl.create_volume(create_req(
-            &name,
-            Some((100 * MIB, 100 * MIB)),
-            &[("replicas", "3")],
-            vec![ext4()],
-        ))
-        .await,
+        ctrl.create_volume(create_req(&name, Some((100 * MIB, 100 * MIB)), &[("replicas", "3")], vec![ext4()])).await,
         Code::AlreadyExists,
     );
     assert!(m.contains(&name), "{m}");
     let m = code(
-        ctrl.create_volume(create_req(
-            &name,
-            Some((10 * MIB + 1, 0)),
-            &[("replicas", "2")],
-            vec![ext4()],
-        ))
-        .await,
+        ctrl.create_volume(create_req(&name, Some((10 * MIB + 1, 0)), &[("replicas", "2")], vec![ext4()])).await,
         Code::AlreadyExists,
     );
     assert!(m.contains("replicas"), "{m}");
@@ -150,12 +72,7 @@ async fn create_volume_arguments_and_idempotency() {
     let v = c
         .ctrl
         .clone()
-        .create_volume(create_req(
-            &c.name("limit"),
-            Some((0, 5 * MIB)),
-            &[],
-            vec![ext4()],
-        ))
+        .create_volume(create_req(&c.name("limit"), Some((0, 5 * MIB)), &[], vec![ext4()]))
         .await
         .unwrap()
         .into_inner()
@@ -164,44 +81,38 @@ async fn create_volume_arguments_and_idempotency() {
     c.track(&v.volume_id);
     assert!(v.capacity_bytes <= 5 * MIB && v.capacity_bytes > 0);
     code(
+        ctrl.create_volume(create_req(&c.name("oor"), Some((MIB + 1, MIB + 2)), &[], vec![ext4()])).await,
+        Code::OutOfRange,
+    );
+    let cap = ctrl.get_capacity(csi::GetCapacityRequest::default()).await.unwrap().into_inner();
+    // Bigger than the free space: RESOURCE_EXHAUSTED (the provisioner may
+    // reschedule); bigger than any volume can be: OUT_OF_RANGE.
+    let max = cap.maximum_volume_size.expect("maximum_volume_size");
+    let huge = c.name("huge");
+    let m = code(
+        ctrl.create_volume(create_req(&huge, Some((max + GIB, 0)), &[], vec![ext4()])).await,
+        Code::ResourceExhausted,
+    );
+    assert!(m.contains(&huge), "{m}");
+    code(
         ctrl.create_volume(create_req(
-            &c.name("oor"),
-            Some((MIB + 1, MIB + 2)),
+            &c.name("toobig"),
+            Some((volumed_csi::capacity::MAX_SIZE as i64 + GIB, 0)),
             &[],
             vec![ext4()],
         ))
         .await,
         Code::OutOfRange,
     );
-    let cap = ctrl
-        .get_capacity(csi::GetCapacityRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
-    if let Some(max) = cap.maximum_volume_size {
-        code(
-            ctrl.create_volume(create_req(
-                &c.name("huge"),
-                Some((max + GIB, 0)),
-                &[],
-                vec![ext4()],
-            ))
-            .await,
-            Code::OutOfRange,
-        );
-    }
+    // Neither left a volume behind.
+    code(ctrl.create_volume(create_req(&huge, Some((max + GIB, 0)), &[], vec![ext4()])).await, Code::ResourceExhausted);
 }
 
 #[tokio::test]
-#[ignore = "needs a running volumed cluster: set VOLUMED_CLUSTER_STATE"]
 async fn delete_validate_get_not_found_cases() {
-    let c = Csi::connect(&cluster());
+    let c = Csi::connect(cluster());
     let mut ctrl = c.ctrl.clone();
-    code(
-        ctrl.delete_volume(csi::DeleteVolumeRequest::default())
-            .await,
-        Code::InvalidArgument,
-    );
+    code(ctrl.delete_volume(csi::DeleteVolumeRequest::default()).await, Code::InvalidArgument);
     c.delete(MISSING_VOLUME).await.unwrap();
     c.delete("malformed/id").await.unwrap();
     code(
@@ -214,19 +125,13 @@ async fn delete_validate_get_not_found_cases() {
         Code::NotFound,
     );
     code(
-        ctrl.controller_get_volume(csi::ControllerGetVolumeRequest {
-            volume_id: MISSING_VOLUME.into(),
-        })
-        .await,
+        ctrl.controller_get_volume(csi::ControllerGetVolumeRequest { volume_id: MISSING_VOLUME.into() }).await,
         Code::NotFound,
     );
     code(
         ctrl.controller_expand_volume(csi::ControllerExpandVolumeRequest {
             volume_id: MISSING_VOLUME.into(),
-            capacity_range: Some(csi::CapacityRange {
-                required_bytes: GIB,
-                limit_bytes: 0,
-            }),
+            capacity_range: Some(csi::CapacityRange { required_bytes: GIB, limit_bytes: 0 }),
             ..Default::default()
         })
         .await,
@@ -252,10 +157,7 @@ async fn delete_validate_get_not_found_cases() {
         Code::NotFound,
     );
 
-    let v = c
-        .create(&c.name("val"), 16 * MIB, &[], vec![ext4()])
-        .await
-        .unwrap();
+    let v = c.create(&c.name("val"), 16 * MIB, &[], vec![ext4()]).await.unwrap();
     let ok = ctrl
         .validate_volume_capabilities(csi::ValidateVolumeCapabilitiesRequest {
             volume_id: v.volume_id.clone(),
@@ -294,16 +196,12 @@ async fn delete_validate_get_not_found_cases() {
 }
 
 #[tokio::test]
-#[ignore = "needs a running volumed cluster: set VOLUMED_CLUSTER_STATE"]
 async fn list_volumes_pagination() {
-    let c = Csi::connect(&cluster());
+    let c = Csi::connect(cluster());
     let mut ctrl = c.ctrl.clone();
     let mut mine = HashSet::new();
     for i in 0..5 {
-        let v = c
-            .create(&c.name(&format!("page{i}")), 8 * MIB, &[], vec![ext4()])
-            .await
-            .unwrap();
+        let v = c.create(&c.name(&format!("page{i}")), 8 * MIB, &[], vec![ext4()]).await.unwrap();
         mine.insert(v.volume_id);
     }
     let mut seen = Vec::new();
@@ -311,10 +209,7 @@ async fn list_volumes_pagination() {
     let mut deleted_one = false;
     loop {
         let r = ctrl
-            .list_volumes(csi::ListVolumesRequest {
-                max_entries: 2,
-                starting_token: token.clone(),
-            })
+            .list_volumes(csi::ListVolumesRequest { max_entries: 2, starting_token: token.clone() })
             .await
             .unwrap()
             .into_inner();
@@ -341,40 +236,24 @@ async fn list_volumes_pagination() {
     }
     let unique: HashSet<_> = seen.iter().cloned().collect();
     assert_eq!(unique.len(), seen.len(), "no volume listed twice");
-    assert!(
-        mine.iter().all(|id| unique.contains(id)),
-        "every volume of ours listed"
-    );
+    assert!(mine.iter().all(|id| unique.contains(id)), "every volume of ours listed");
     code(
-        ctrl.list_volumes(csi::ListVolumesRequest {
-            max_entries: 1,
-            starting_token: "not-ours".into(),
-        })
-        .await,
+        ctrl.list_volumes(csi::ListVolumesRequest { max_entries: 1, starting_token: "not-ours".into() }).await,
         Code::Aborted,
     );
 }
 
 #[tokio::test]
-#[ignore = "needs a running volumed cluster: set VOLUMED_CLUSTER_STATE"]
 async fn get_capacity_per_topology() {
-    let c = Csi::connect(&cluster());
+    let c = Csi::connect(cluster());
     let mut ctrl = c.ctrl.clone();
-    let all = ctrl
-        .get_capacity(csi::GetCapacityRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
+    let all = ctrl.get_capacity(csi::GetCapacityRequest::default()).await.unwrap().into_inner();
     assert!(all.available_capacity > 0);
     assert!(all.maximum_volume_size.unwrap_or(0) > 0);
     let nowhere = ctrl
         .get_capacity(csi::GetCapacityRequest {
             accessible_topology: Some(csi::Topology {
-                segments: [(
-                    "topology.kubernetes.io/zone".to_string(),
-                    "no-such-zone".to_string(),
-                )]
-                .into(),
+                segments: [("topology.kubernetes.io/zone".to_string(), "no-such-zone".to_string())].into(),
             }),
             ..Default::default()
         })
@@ -393,39 +272,21 @@ async fn get_capacity_per_topology() {
 }
 
 #[tokio::test]
-#[ignore = "needs a running volumed cluster: set VOLUMED_CLUSTER_STATE"]
 async fn controller_publish_semantics() {
-    let c = Csi::connect(&cluster());
+    let c = Csi::connect(cluster());
     assert!(c.nodes.len() >= 2, "needs two nodes");
-    let v = c
-        .create(&c.name("pub"), 16 * MIB, &[], vec![ext4()])
-        .await
-        .unwrap();
-    let ctx1 = c
-        .controller_publish(&v.volume_id, 0, ext4(), false)
-        .await
-        .unwrap();
-    let ctx2 = c
-        .controller_publish(&v.volume_id, 0, ext4(), false)
-        .await
-        .unwrap();
+    let v = c.create(&c.name("pub"), 16 * MIB, &[], vec![ext4()]).await.unwrap();
+    let ctx1 = c.controller_publish(&v.volume_id, 0, ext4(), false).await.unwrap();
+    let ctx2 = c.controller_publish(&v.volume_id, 0, ext4(), false).await.unwrap();
     assert_eq!(ctx1, ctx2, "idempotent");
     assert!(ctx1.contains_key("volumed.dev/generation"));
-    let m = code(
-        c.controller_publish(&v.volume_id, 1, ext4(), false).await,
-        Code::FailedPrecondition,
-    );
+    let m = code(c.controller_publish(&v.volume_id, 1, ext4(), false).await, Code::FailedPrecondition);
     assert!(m.contains(&v.volume_id), "{m}");
-    code(
-        c.controller_publish(&v.volume_id, 0, ext4(), true).await,
-        Code::AlreadyExists,
-    );
+    code(c.controller_publish(&v.volume_id, 0, ext4(), true).await, Code::AlreadyExists);
     let got = c
         .ctrl
         .clone()
-        .controller_get_volume(csi::ControllerGetVolumeRequest {
-            volume_id: v.volume_id.clone(),
-        })
+        .controller_get_volume(csi::ControllerGetVolumeRequest { volume_id: v.volume_id.clone() })
         .await
         .unwrap()
         .into_inner();
@@ -437,13 +298,8 @@ async fn controller_publish_semantics() {
     c.controller_unpublish(&v.volume_id, 0).await.unwrap();
     c.controller_unpublish(&v.volume_id, 0).await.unwrap();
     // Now the second node may have it (a new fencing generation).
-    let ctx3 = c
-        .controller_publish(&v.volume_id, 1, ext4(), false)
-        .await
-        .unwrap();
-    let g = |m: &std::collections::HashMap<String, String>| {
-        m["volumed.dev/generation"].parse::<u64>().unwrap()
-    };
+    let ctx3 = c.controller_publish(&v.volume_id, 1, ext4(), false).await.unwrap();
+    let g = |m: &std::collections::HashMap<String, String>| m["volumed.dev/generation"].parse::<u64>().unwrap();
     assert!(g(&ctx3) > g(&ctx1), "generation bumped on move");
     c.controller_unpublish(&v.volume_id, 1).await.unwrap();
     // Unpublishing an unknown volume is not an error.
@@ -459,19 +315,10 @@ async fn controller_publish_semantics() {
 }
 
 #[tokio::test]
-#[ignore = "needs a running volumed cluster: set VOLUMED_CLUSTER_STATE"]
 async fn expand_and_modify() {
-    let c = Csi::connect(&cluster());
+    let c = Csi::connect(cluster());
     let mut ctrl = c.ctrl.clone();
-    let v = c
-        .create(
-            &c.name("grow"),
-            16 * MIB,
-            &[("qos.readIOPS", "100")],
-            vec![ext4()],
-        )
-        .await
-        .unwrap();
+    let v = c.create(&c.name("grow"), 16 * MIB, &[("qos.readIOPS", "100")], vec![ext4()]).await.unwrap();
     code(
         ctrl.controller_expand_volume(csi::ControllerExpandVolumeRequest {
             volume_id: v.volume_id.clone(),
@@ -482,32 +329,18 @@ async fn expand_and_modify() {
     );
     let req = csi::ControllerExpandVolumeRequest {
         volume_id: v.volume_id.clone(),
-        capacity_range: Some(csi::CapacityRange {
-            required_bytes: 32 * MIB,
-            limit_bytes: 0,
-        }),
+        capacity_range: Some(csi::CapacityRange { required_bytes: 32 * MIB, limit_bytes: 0 }),
         volume_capability: Some(ext4()),
         ..Default::default()
     };
     for _ in 0..2 {
-        let r = ctrl
-            .controller_expand_volume(req.clone())
-            .await
-            .unwrap()
-            .into_inner();
+        let r = ctrl.controller_expand_volume(req.clone()).await.unwrap().into_inner();
         assert!(r.capacity_bytes >= 32 * MIB);
         assert!(r.node_expansion_required, "a filesystem grows on the node");
     }
     let mut block = req.clone();
     block.volume_capability = Some(block_cap(Mode::SingleNodeWriter));
-    assert!(
-        !ctrl
-            .controller_expand_volume(block)
-            .await
-            .unwrap()
-            .into_inner()
-            .node_expansion_required
-    );
+    assert!(!ctrl.controller_expand_volume(block).await.unwrap().into_inner().node_expansion_required);
 
     ctrl.controller_modify_volume(csi::ControllerModifyVolumeRequest {
         volume_id: v.volume_id.clone(),
@@ -532,25 +365,13 @@ async fn expand_and_modify() {
 /// Unpublish -> Unstage -> ControllerUnpublish -> Delete, twice, with every
 /// call repeated (idempotency).
 #[tokio::test]
-#[ignore = "needs a running volumed cluster: set VOLUMED_CLUSTER_STATE"]
 async fn full_lifecycle_twice() {
-    let c = Csi::connect(&cluster());
+    let c = Csi::connect(cluster());
     for round in 0..2 {
-        let v = c
-            .create(
-                &c.name(&format!("life{round}")),
-                64 * MIB,
-                &[],
-                vec![ext4()],
-            )
-            .await
-            .unwrap();
+        let v = c.create(&c.name(&format!("life{round}")), 64 * MIB, &[], vec![ext4()]).await.unwrap();
         let mut pc = Default::default();
         for _ in 0..2 {
-            pc = c
-                .controller_publish(&v.volume_id, 0, ext4(), false)
-                .await
-                .unwrap();
+            pc = c.controller_publish(&v.volume_id, 0, ext4(), false).await.unwrap();
         }
         let staging = format!("plugins/csi/life{round}/globalmount");
         let target = format!("pods/life{round}/volumes/mount");
@@ -558,15 +379,9 @@ async fn full_lifecycle_twice() {
             c.stage(0, &v, &staging, ext4(), pc.clone()).await.unwrap();
         }
         for _ in 0..2 {
-            c.publish(0, &v, &staging, &target, ext4(), false, pc.clone())
-                .await
-                .unwrap();
+            c.publish(0, &v, &staging, &target, ext4(), false, pc.clone()).await.unwrap();
         }
-        std::fs::write(
-            c.nodes[0].path(&format!("{target}/round")),
-            format!("{round}"),
-        )
-        .unwrap();
+        std::fs::write(c.nodes[0].path(&format!("{target}/round")), format!("{round}")).unwrap();
         let st = c.nodes[0]
             .node
             .clone()
@@ -595,9 +410,7 @@ async fn full_lifecycle_twice() {
         code(
             c.ctrl
                 .clone()
-                .controller_get_volume(csi::ControllerGetVolumeRequest {
-                    volume_id: v.volume_id.clone(),
-                })
+                .controller_get_volume(csi::ControllerGetVolumeRequest { volume_id: v.volume_id.clone() })
                 .await,
             Code::NotFound,
         );

@@ -24,20 +24,16 @@ fn ensure_file(path: &Path, what: &str) -> Result<(), CsiError> {
     }
     match std::fs::symlink_metadata(path) {
         Ok(m) if m.is_file() => Ok(()),
-        Ok(_) => Err(CsiError::FailedPrecondition(format!(
-            "{what} {} exists and is not a regular file",
-            path.display()
-        ))),
+        Ok(_) => {
+            Err(CsiError::FailedPrecondition(format!("{what} {} exists and is not a regular file", path.display())))
+        }
         Err(e) if e.kind() == io::ErrorKind::NotFound => std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .open(path)
             .map(drop)
             .map_err(|e| CsiError::Internal(format!("creating {what} {}: {e}", path.display()))),
-        Err(e) => Err(CsiError::Internal(format!(
-            "{what} {}: {e}",
-            path.display()
-        ))),
+        Err(e) => Err(CsiError::Internal(format!("{what} {}: {e}", path.display()))),
     }
 }
 
@@ -62,22 +58,15 @@ pub fn stage(volume_id: &str, device: &Path, staging: &Path) -> Result<(), CsiEr
             m.fs_type
         )));
     }
-    std::fs::create_dir_all(staging).map_err(|e| {
-        CsiError::Internal(format!("creating staging path {}: {e}", staging.display()))
-    })?;
+    std::fs::create_dir_all(staging)
+        .map_err(|e| CsiError::Internal(format!("creating staging path {}: {e}", staging.display())))?;
     ensure_file(&file, "staged device file")?;
-    mount::bind(device, &file, false, MsFlags::empty())
-        .map_err(|e| e.context(format!("volume {volume_id}")))?;
+    mount::bind(device, &file, false, MsFlags::empty()).map_err(|e| e.context(format!("volume {volume_id}")))?;
     tracing::info!(device = %device.display(), staged = %file.display(), "block volume staged");
     Ok(())
 }
 
-pub fn publish(
-    volume_id: &str,
-    staging: &Path,
-    target: &Path,
-    readonly: bool,
-) -> Result<(), CsiError> {
+pub fn publish(volume_id: &str, staging: &Path, target: &Path, readonly: bool) -> Result<(), CsiError> {
     let src = staged_path(staging, volume_id);
     let mounts = mountinfo::read().map_err(table_err)?;
     if mountinfo::find(&mounts, &src).is_none() {
@@ -102,8 +91,7 @@ pub fn publish(
         };
     }
     ensure_file(target, "target path")?;
-    mount::bind(&src, target, readonly, MsFlags::empty())
-        .map_err(|e| e.context(format!("volume {volume_id}")))?;
+    mount::bind(&src, target, readonly, MsFlags::empty()).map_err(|e| e.context(format!("volume {volume_id}")))?;
     tracing::info!(target = %target.display(), readonly, "block volume published");
     Ok(())
 }
@@ -115,9 +103,6 @@ pub fn unstage(volume_id: &str, staging: &Path) -> Result<(), CsiError> {
     match std::fs::remove_file(&file) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(CsiError::Internal(format!(
-            "removing {}: {e}",
-            file.display()
-        ))),
+        Err(e) => Err(CsiError::Internal(format!("removing {}: {e}", file.display()))),
     }
 }

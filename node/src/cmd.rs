@@ -22,11 +22,7 @@ impl Output {
 
     /// stderr (or stdout when stderr is empty), trimmed, for messages.
     pub fn diagnostics(&self) -> String {
-        let s = if self.stderr.trim().is_empty() {
-            &self.stdout
-        } else {
-            &self.stderr
-        };
+        let s = if self.stderr.trim().is_empty() { &self.stdout } else { &self.stderr };
         s.trim().replace('\n', "; ")
     }
 }
@@ -53,23 +49,14 @@ pub async fn run(program: &str, args: &[&OsStr], timeout: Duration) -> Result<Ou
         .kill_on_drop(true)
         // Tools must not translate messages we match on.
         .env("LC_ALL", "C");
-    let child = cmd.spawn().map_err(|source| CmdError::Spawn {
-        program: program.to_string(),
-        source,
-    })?;
+    let child = cmd.spawn().map_err(|source| CmdError::Spawn { program: program.to_string(), source })?;
     match tokio::time::timeout(timeout, child.wait_with_output()).await {
         Ok(Ok(out)) => Ok(Output {
             code: out.status.code(),
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
             stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
         }),
-        Ok(Err(source)) => Err(CmdError::Spawn {
-            program: program.to_string(),
-            source,
-        }),
-        Err(_) => Err(CmdError::Timeout {
-            program: program.to_string(),
-            timeout,
-        }),
+        Ok(Err(source)) => Err(CmdError::Spawn { program: program.to_string(), source }),
+        Err(_) => Err(CmdError::Timeout { program: program.to_string(), timeout }),
     }
 }

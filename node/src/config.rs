@@ -15,11 +15,7 @@ pub struct Args {
     pub endpoint: String,
 
     /// Unix socket of the volumed on this node (NodeLocal service).
-    #[arg(
-        long,
-        env = "VOLUMED_LOCAL_SOCKET",
-        default_value = "/run/volumed/volumed.sock"
-    )]
+    #[arg(long, env = "VOLUMED_LOCAL_SOCKET", default_value = "/run/volumed/volumed.sock")]
     pub volumed_socket: PathBuf,
 
     /// CSI driver name.
@@ -51,25 +47,17 @@ pub struct Config {
 fn normalised_absolute(p: &std::path::Path) -> bool {
     use std::path::Component;
     p.is_absolute()
-        && p.components()
-            .all(|c| matches!(c, Component::RootDir | Component::Normal(_)))
+        && p.components().all(|c| matches!(c, Component::RootDir | Component::Normal(_)))
         && !p.to_string_lossy().ends_with('/')
         && p != std::path::Path::new("/")
 }
 
 impl Args {
     pub fn validate(&self) -> Result<Config, String> {
-        let endpoint: Endpoint = self
-            .endpoint
-            .parse()
-            .map_err(|e| format!("--endpoint: {e}"))?;
-        volumed_csi::validate_driver_name(&self.driver_name)
-            .map_err(|e| format!("--driver-name: {e}"))?;
+        let endpoint: Endpoint = self.endpoint.parse().map_err(|e| format!("--endpoint: {e}"))?;
+        volumed_csi::validate_driver_name(&self.driver_name).map_err(|e| format!("--driver-name: {e}"))?;
         if !self.volumed_socket.is_absolute() {
-            return Err(format!(
-                "--volumed-socket: {} must be an absolute path",
-                self.volumed_socket.display()
-            ));
+            return Err(format!("--volumed-socket: {} must be an absolute path", self.volumed_socket.display()));
         }
         if !normalised_absolute(&self.kubelet_dir) {
             return Err(format!(

@@ -24,11 +24,7 @@ pub async fn grow(fs_type: &str, device: &Path, mount_point: &Path) -> Result<()
         }
     };
     let out = cmd::run(program, &[arg], GROW_TIMEOUT).await.map_err(|e| {
-        let msg = format!(
-            "growing {fs_type} on {} at {}: {e}",
-            device.display(),
-            mount_point.display()
-        );
+        let msg = format!("growing {fs_type} on {} at {}: {e}", device.display(), mount_point.display());
         match e {
             cmd::CmdError::Timeout { .. } => CsiError::DeadlineExceeded(msg),
             cmd::CmdError::Spawn { .. } => CsiError::Internal(msg),

@@ -21,39 +21,27 @@ pub(crate) fn table_err(e: io::Error) -> CsiError {
 
 /// The device number of the block device node at `path`.
 pub fn rdev(path: &Path) -> Result<u64, CsiError> {
-    let m = std::fs::metadata(path)
-        .map_err(|e| CsiError::Internal(format!("{}: {e}", path.display())))?;
+    let m = std::fs::metadata(path).map_err(|e| CsiError::Internal(format!("{}: {e}", path.display())))?;
     if !m.file_type().is_block_device() {
-        return Err(CsiError::Internal(format!(
-            "{} is not a block device",
-            path.display()
-        )));
+        return Err(CsiError::Internal(format!("{} is not a block device", path.display())));
     }
     Ok(m.rdev())
 }
 
 fn dev_name(dev: u64) -> String {
-    format!(
-        "{}:{}",
-        nix::sys::stat::major(dev),
-        nix::sys::stat::minor(dev)
-    )
+    format!("{}:{}", nix::sys::stat::major(dev), nix::sys::stat::minor(dev))
 }
 
 /// Makes `dir` an empty directory ready to be mounted on.
 pub(crate) fn prepare_empty_dir(dir: &Path, what: &str) -> Result<(), CsiError> {
-    std::fs::create_dir_all(dir)
-        .map_err(|e| CsiError::Internal(format!("creating {what} {}: {e}", dir.display())))?;
-    let meta = std::fs::symlink_metadata(dir)
-        .map_err(|e| CsiError::Internal(format!("{what} {}: {e}", dir.display())))?;
+    std::fs::create_dir_all(dir).map_err(|e| CsiError::Internal(format!("creating {what} {}: {e}", dir.display())))?;
+    let meta =
+        std::fs::symlink_metadata(dir).map_err(|e| CsiError::Internal(format!("{what} {}: {e}", dir.display())))?;
     if !meta.is_dir() {
-        return Err(CsiError::FailedPrecondition(format!(
-            "{what} {} exists and is not a directory",
-            dir.display()
-        )));
+        return Err(CsiError::FailedPrecondition(format!("{what} {} exists and is not a directory", dir.display())));
     }
-    let mut entries = std::fs::read_dir(dir)
-        .map_err(|e| CsiError::Internal(format!("{what} {}: {e}", dir.display())))?;
+    let mut entries =
+        std::fs::read_dir(dir).map_err(|e| CsiError::Internal(format!("{what} {}: {e}", dir.display())))?;
     if entries.next().is_some() {
         return Err(CsiError::FailedPrecondition(format!(
             "{what} {} is not empty; refusing to mount over its content",
@@ -220,9 +208,8 @@ pub fn publish(
             )))
         }
         Ok(_) => {}
-        Err(_) => std::fs::create_dir_all(target).map_err(|e| {
-            CsiError::Internal(format!("creating target path {}: {e}", target.display()))
-        })?,
+        Err(_) => std::fs::create_dir_all(target)
+            .map_err(|e| CsiError::Internal(format!("creating target path {}: {e}", target.display())))?,
     }
     mount::bind(staging, target, readonly, options.per_mount_flags())
         .map_err(|e| e.context(format!("volume {volume_id}")))?;
@@ -247,8 +234,9 @@ pub fn unpublish(volume_id: &str, target: &Path) -> Result<(), CsiError> {
                 CsiError::Internal(format!("removing {}: {e}", target.display()))
             }
         }),
-        Ok(_) => std::fs::remove_file(target)
-            .map_err(|e| CsiError::Internal(format!("removing {}: {e}", target.display()))),
+        Ok(_) => {
+            std::fs::remove_file(target).map_err(|e| CsiError::Internal(format!("removing {}: {e}", target.display())))
+        }
     }
 }
 

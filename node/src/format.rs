@@ -19,15 +19,7 @@ pub async fn mkfs(device: &Path, fs: FsType) -> Result<(), CsiError> {
     let (program, args): (&str, Vec<&OsStr>) = match fs {
         // nodiscard: the device is known blank (probed), a whole-device
         // TRIM would only cost time.
-        FsType::Ext4 => (
-            "mkfs.ext4",
-            vec![
-                OsStr::new("-q"),
-                OsStr::new("-E"),
-                OsStr::new("nodiscard"),
-                dev,
-            ],
-        ),
+        FsType::Ext4 => ("mkfs.ext4", vec![OsStr::new("-q"), OsStr::new("-E"), OsStr::new("nodiscard"), dev]),
         FsType::Xfs => ("mkfs.xfs", vec![OsStr::new("-q"), OsStr::new("-K"), dev]),
     };
     let out = cmd::run(program, &args, MKFS_TIMEOUT)

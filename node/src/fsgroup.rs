@@ -73,8 +73,7 @@ mod tests {
         let root = dir.path();
         std::fs::create_dir(root.join("sub")).unwrap();
         std::fs::write(root.join("sub/f"), b"x").unwrap();
-        std::fs::set_permissions(root.join("sub/f"), std::fs::Permissions::from_mode(0o600))
-            .unwrap();
+        std::fs::set_permissions(root.join("sub/f"), std::fs::Permissions::from_mode(0o600)).unwrap();
         std::os::unix::fs::symlink("/etc/passwd", root.join("link")).unwrap();
         assert!(!root_matches(root, 4321).unwrap());
         apply(root, 4321).unwrap();

@@ -47,30 +47,15 @@ pub async fn serve_with<V: LocalVolumed>(
     endpoint: &Endpoint,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
-    let identity = IdentityService::new(
-        driver_name,
-        PluginFeatures::current(),
-        Arc::new(LocalReadiness(volumed.clone())),
-    );
+    let identity =
+        IdentityService::new(driver_name, PluginFeatures::current(), Arc::new(LocalReadiness(volumed.clone())));
     let node = NodeService::new(volumed, kubelet_dir);
-    let router = Server::builder()
-        .add_service(IdentityServer::new(identity))
-        .add_service(NodeServer::new(node));
+    let router = Server::builder().add_service(IdentityServer::new(identity)).add_service(NodeServer::new(node));
     serve::serve(router, endpoint, shutdown).await
 }
 
 /// Serves the plugin as configured, talking to volumed over its socket.
-pub async fn run(
-    config: Config,
-    shutdown: impl std::future::Future<Output = ()> + Send,
-) -> Result<(), ServeError> {
+pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()> + Send) -> Result<(), ServeError> {
     let volumed = Arc::new(GrpcLocalVolumed::new(&config.volumed_socket));
-    serve_with(
-        volumed,
-        &config.driver_name,
-        config.kubelet_dir,
-        &config.endpoint,
-        shutdown,
-    )
-    .await
+    serve_with(volumed, &config.driver_name, config.kubelet_dir, &config.endpoint, shutdown).await
 }

@@ -21,14 +21,9 @@ impl VolumeLocks {
     pub fn try_lock(&self, volume_id: &str) -> Result<Guard, CsiError> {
         let mut busy = self.busy.lock().unwrap_or_else(|p| p.into_inner());
         if !busy.insert(volume_id.to_string()) {
-            return Err(CsiError::Aborted(format!(
-                "an operation on volume {volume_id} is already in progress; retry"
-            )));
+            return Err(CsiError::Aborted(format!("an operation on volume {volume_id} is already in progress; retry")));
         }
-        Ok(Guard {
-            busy: self.busy.clone(),
-            id: volume_id.to_string(),
-        })
+        Ok(Guard { busy: self.busy.clone(), id: volume_id.to_string() })
     }
 }
 

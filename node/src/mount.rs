@@ -20,10 +20,7 @@ pub struct MountOptions {
 
 impl Default for MountOptions {
     fn default() -> Self {
-        MountOptions {
-            flags: MsFlags::empty(),
-            data: Vec::new(),
-        }
+        MountOptions { flags: MsFlags::empty(), data: Vec::new() }
     }
 }
 
@@ -57,8 +54,8 @@ impl MountOptions {
                 "lazytime" => Some(MsFlags::MS_LAZYTIME),
                 "sync" => Some(MsFlags::MS_SYNCHRONOUS),
                 "dirsync" => Some(MsFlags::MS_DIRSYNC),
-                "bind" | "rbind" | "remount" | "move" | "shared" | "rshared" | "private" | "rprivate"
-                | "slave" | "rslave" | "unbindable" | "runbindable" | "loop" => {
+                "bind" | "rbind" | "remount" | "move" | "shared" | "rshared" | "private" | "rprivate" | "slave"
+                | "rslave" | "unbindable" | "runbindable" | "loop" => {
                     return Err(CsiError::InvalidArgument(format!(
                         "mount flag \"{opt}\" is not allowed: the plugin decides how volumes are mounted"
                     )))
@@ -113,44 +110,33 @@ pub fn mount_device(
     if readonly && fs == FsType::Xfs {
         data.push("norecovery".into());
     }
+    if fs == FsType::Xfs {
+        // A restored or cloned volume carries its source's filesystem UUID,
+        // and XFS refuses to mount a second filesystem with a UUID already
+        // mounted on this node.
+        data.push("nouuid".into());
+    }
     let data = data.join(",");
-    mount(
-        Some(device),
-        target,
-        Some(fs.as_str()),
-        flags,
-        if data.is_empty() {
-            None
-        } else {
-            Some(data.as_str())
-        },
-    )
-    .map_err(|e| {
-        let msg = format!(
-            "mounting {} ({fs}, options \"{data}\") at {}: {} ({e:?})",
-            device.display(),
-            target.display(),
-            e.desc()
-        );
-        match e {
-            Errno::EINVAL => CsiError::InvalidArgument(msg),
-            _ => CsiError::Internal(msg),
-        }
-    })
+    mount(Some(device), target, Some(fs.as_str()), flags, if data.is_empty() { None } else { Some(data.as_str()) })
+        .map_err(|e| {
+            let msg = format!(
+                "mounting {} ({fs}, options \"{data}\") at {}: {} ({e:?})",
+                device.display(),
+                target.display(),
+                e.desc()
+            );
+            match e {
+                Errno::EINVAL => CsiError::InvalidArgument(msg),
+                _ => CsiError::Internal(msg),
+            }
+        })
 }
 
 /// Bind-mounts `source` onto `target`; then, when `readonly` or per-mount
 /// flags are asked, remounts the bind with them (a bind ignores flags on
 /// its first mount). A failed remount undoes the bind.
 pub fn bind(source: &Path, target: &Path, readonly: bool, extra: MsFlags) -> Result<(), CsiError> {
-    mount(
-        Some(source),
-        target,
-        None::<&str>,
-        MsFlags::MS_BIND,
-        None::<&str>,
-    )
-    .map_err(|e| {
+    mount(Some(source), target, None::<&str>, MsFlags::MS_BIND, None::<&str>).map_err(|e| {
         CsiError::Internal(format!(
             "bind-mounting {} onto {}: {} ({e:?})",
             source.display(),
@@ -163,20 +149,11 @@ pub fn bind(source: &Path, target: &Path, readonly: bool, extra: MsFlags) -> Res
         flags |= MsFlags::MS_RDONLY;
     }
     if !flags.is_empty() {
-        let res = mount(
-            None::<&str>,
-            target,
-            None::<&str>,
-            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | flags,
-            None::<&str>,
-        );
+        let res =
+            mount(None::<&str>, target, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REMOUNT | flags, None::<&str>);
         if let Err(e) = res {
             let _ = umount2(target, MntFlags::empty());
-            return Err(CsiError::Internal(errno_msg(
-                "remounting bind with flags at",
-                target,
-                e,
-            )));
+            return Err(CsiError::Internal(errno_msg("remounting bind with flags at", target, e)));
         }
     }
     Ok(())
@@ -187,8 +164,8 @@ pub fn bind(source: &Path, target: &Path, readonly: bool, extra: MsFlags) -> Res
 /// mount would hide writers from the unstage that follows.
 pub fn unmount_all(target: &Path) -> Result<(), CsiError> {
     for _ in 0..16 {
-        let mounted = mountinfo::mount_at(target)
-            .map_err(|e| CsiError::Internal(format!("reading the mount table: {e}")))?;
+        let mounted =
+            mountinfo::mount_at(target).map_err(|e| CsiError::Internal(format!("reading the mount table: {e}")))?;
         if mounted.is_none() {
             return Ok(());
         }
@@ -212,10 +189,7 @@ pub fn unmount_all(target: &Path) -> Result<(), CsiError> {
             }
         }
     }
-    Err(CsiError::Internal(format!(
-        "{} still has mounts after 16 unmounts",
-        target.display()
-    )))
+    Err(CsiError::Internal(format!("{} still has mounts after 16 unmounts", target.display())))
 }
 
 #[cfg(test)]

@@ -44,13 +44,8 @@ fn unescape(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            let v = (b[i + 1] - b'0') as u32 * 64
-                + (b[i + 2] - b'0') as u32 * 8
-                + (b[i + 3] - b'0') as u32;
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+            let v = (b[i + 1] - b'0') as u32 * 64 + (b[i + 2] - b'0') as u32 * 8 + (b[i + 3] - b'0') as u32;
             out.push(v as u8);
             i += 4;
         } else {
@@ -120,9 +115,7 @@ pub fn mount_at(path: &Path) -> io::Result<Option<MountInfo>> {
 /// Every mount under `dir` (not `dir` itself).
 pub fn under<'a>(mounts: &'a [MountInfo], dir: &Path) -> impl Iterator<Item = &'a MountInfo> {
     let d = canonical(dir);
-    mounts
-        .iter()
-        .filter(move |m| m.mount_point != d && m.mount_point.starts_with(&d))
+    mounts.iter().filter(move |m| m.mount_point != d && m.mount_point.starts_with(&d))
 }
 
 #[cfg(test)]
@@ -147,18 +140,11 @@ mod tests {
         assert!(m[1].has_option("noatime"));
         assert!(!m[1].read_only());
         assert!(m[2].read_only());
-        assert_eq!(
-            m[2].mount_point,
-            PathBuf::from("/var/lib/kubelet/pods/p1/volumes/kubernetes.io~csi/pv one/mount")
-        );
+        assert_eq!(m[2].mount_point, PathBuf::from("/var/lib/kubelet/pods/p1/volumes/kubernetes.io~csi/pv one/mount"));
         assert_eq!(m[1].dev(), m[2].dev());
         assert_eq!(m[3].root, PathBuf::from("/loop3"));
         assert_eq!(m[3].fs_type, "devtmpfs");
-        assert_eq!(
-            under(&m, Path::new("/var/lib/kubelet")).count(),
-            3,
-            "mounts under the kubelet dir"
-        );
+        assert_eq!(under(&m, Path::new("/var/lib/kubelet")).count(), 3, "mounts under the kubelet dir");
     }
 
     #[test]

@@ -18,9 +18,7 @@ pub fn validate(root: &Path, path: &str, field: &'static str) -> Result<PathBuf,
         return Err(bad("must be an absolute path"));
     }
     if path.len() > 1 && path.ends_with('/') || path.contains("//") {
-        return Err(bad(
-            "must be normalised (no empty components or trailing '/')",
-        ));
+        return Err(bad("must be normalised (no empty components or trailing '/')"));
     }
     let p = Path::new(path);
     for c in p.components() {
@@ -36,10 +34,7 @@ pub fn validate(root: &Path, path: &str, field: &'static str) -> Result<PathBuf,
         return Err(bad("must be normalised (no '.' or '..' components)"));
     }
     if p == root || !p.starts_with(root) {
-        return Err(bad(&format!(
-            "must be under the kubelet directory {}",
-            root.display()
-        )));
+        return Err(bad(&format!("must be under the kubelet directory {}", root.display())));
     }
     Ok(p.to_path_buf())
 }
@@ -54,9 +49,7 @@ pub fn validate_volume_id(id: &str) -> Result<(), CsiError> {
         return Err(bad("longer than 128 bytes"));
     }
     if id == "." || id == ".." || id.contains('/') || id.chars().any(|c| c.is_control()) {
-        return Err(bad(
-            "must not contain '/' or control characters, nor be '.' or '..'",
-        ));
+        return Err(bad("must not contain '/' or control characters, nor be '.' or '..'"));
     }
     Ok(())
 }
@@ -108,11 +101,7 @@ mod tests {
     fn volume_ids() {
         assert!(validate_volume_id("0b7f6c1e-3f2a-4c1d-9e8f-0123456789ab").is_ok());
         for bad in ["", ".", "..", "a/b", "../x", "a\nb", &"x".repeat(129)] {
-            assert_eq!(
-                validate_volume_id(bad).unwrap_err().code(),
-                tonic::Code::InvalidArgument,
-                "{bad:?}"
-            );
+            assert_eq!(validate_volume_id(bad).unwrap_err().code(), tonic::Code::InvalidArgument, "{bad:?}");
         }
     }
 }

@@ -61,12 +61,7 @@ fn first_mib_is_zero(device: &Path) -> Result<bool, std::io::Error> {
 pub async fn probe(device: &Path) -> Result<Content, CsiError> {
     let out = cmd::run(
         "blkid",
-        &[
-            OsStr::new("-p"),
-            OsStr::new("-o"),
-            OsStr::new("export"),
-            device.as_os_str(),
-        ],
+        &[OsStr::new("-p"), OsStr::new("-o"), OsStr::new("export"), device.as_os_str()],
         PROBE_TIMEOUT,
     )
     .await
@@ -113,9 +108,7 @@ mod tests {
 
     #[test]
     fn export_format() {
-        let (t, u, p) = parse_export(
-            "DEVNAME=/dev/loop3\nUUID=abc\nVERSION=1.0\nTYPE=ext4\nUSAGE=filesystem\n",
-        );
+        let (t, u, p) = parse_export("DEVNAME=/dev/loop3\nUUID=abc\nVERSION=1.0\nTYPE=ext4\nUSAGE=filesystem\n");
         assert_eq!(t.as_deref(), Some("ext4"));
         assert_eq!(u.as_deref(), Some("filesystem"));
         assert_eq!(p, None);
@@ -133,12 +126,7 @@ mod tests {
         f.set_len(8 << 20).unwrap();
         assert_eq!(probe(&img).await.unwrap(), Content::Blank);
         std::fs::write(&img, vec![0xabu8; 4096]).unwrap();
-        std::fs::File::options()
-            .write(true)
-            .open(&img)
-            .unwrap()
-            .set_len(8 << 20)
-            .unwrap();
+        std::fs::File::options().write(true).open(&img).unwrap().set_len(8 << 20).unwrap();
         assert!(matches!(probe(&img).await.unwrap(), Content::Other(_)));
     }
 }

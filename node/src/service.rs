@@ -23,6 +23,10 @@ use crate::mountinfo::{self, MountInfo};
 use crate::volumed::LocalVolumed;
 use crate::{block, expand, fsgroup, paths, stats};
 
+/// How long NodeExpandVolume waits for the attached device to show the
+/// size ControllerExpandVolume gave the volume.
+const DEVICE_GROW_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 pub struct NodeService {
     volumed: Arc<dyn LocalVolumed>,
     kubelet_dir: PathBuf,
@@ -33,11 +37,7 @@ pub struct NodeService {
 #[derive(Debug, Clone)]
 enum Staged {
     /// A filesystem mounted at `at` (device number, root in the fs).
-    Fs {
-        dev: u64,
-        root: PathBuf,
-        at: PathBuf,
-    },
+    Fs { dev: u64, root: PathBuf, at: PathBuf },
     /// A device node bound onto the file `at`.
     Block { rdev: u64, at: PathBuf },
 }
@@ -46,22 +46,13 @@ fn is_fuse(m: &MountInfo) -> bool {
     m.fs_type == "fuse" || m.fs_type.starts_with("fuse.")
 }
 
-fn find_attachment<'a>(
-    list: &'a vd::ListAttachmentsResponse,
-    volume_id: &str,
-) -> Option<&'a vd::LocalAttachment> {
-    list.attachments
-        .iter()
-        .find(|a| a.volume_id == volume_id || a.volume_name == volume_id)
+fn find_attachment<'a>(list: &'a vd::ListAttachmentsResponse, volume_id: &str) -> Option<&'a vd::LocalAttachment> {
+    list.attachments.iter().find(|a| a.volume_id == volume_id || a.volume_name == volume_id)
 }
 
 impl NodeService {
     pub fn new(volumed: Arc<dyn LocalVolumed>, kubelet_dir: PathBuf) -> NodeService {
-        NodeService {
-            volumed,
-            kubelet_dir,
-            locks: VolumeLocks::default(),
-        }
+        NodeService { volumed, kubelet_dir, locks: VolumeLocks::default() }
     }
 
     fn path(&self, p: &str, field: &'static str) -> Result<PathBuf, CsiError> {
@@ -84,8 +75,7 @@ impl NodeService {
         readonly: bool,
         publish_context: &std::collections::HashMap<String, String>,
     ) -> Result<(PathBuf, bool), CsiError> {
-        let was_attached =
-            find_attachment(&self.attachments(volume_id).await?, volume_id).is_some();
+        let was_attached = find_attachment(&self.attachments(volume_id).await?, volume_id).is_some();
         let resp = self
             .volumed
             .attach(vd::AttachRequest {
@@ -97,10 +87,7 @@ impl NodeService {
             })
             .await
             .map_err(|s| from_volumed(s, format!("volume {volume_id}: attaching on this node")))?;
-        if let Some(g) = publish_context
-            .get(publish::GENERATION)
-            .and_then(|g| g.parse::<u64>().ok())
-        {
+        if let Some(g) = publish_context.get(publish::GENERATION).and_then(|g| g.parse::<u64>().ok()) {
             if resp.generation != 0 && resp.generation < g {
                 return Err(CsiError::Aborted(format!(
                     "volume {volume_id}: local attachment has fencing generation {} but \
@@ -110,9 +97,7 @@ impl NodeService {
             }
         }
         if resp.device.is_empty() {
-            return Err(CsiError::Internal(format!(
-                "volume {volume_id}: volumed attached it but named no device"
-            )));
+            return Err(CsiError::Internal(format!("volume {volume_id}: volumed attached it but named no device")));
         }
         Ok((PathBuf::from(resp.device), !was_attached))
     }
@@ -143,44 +128,29 @@ impl NodeService {
         mountinfo::under(mounts, &self.kubelet_dir)
             .filter(|m| !is_fuse(m) || matches!(staged, Staged::Fs { .. }))
             .filter(|m| match staged {
-                Staged::Fs { dev, root, at } => {
-                    m.dev() == *dev && &m.root == root && &m.mount_point != at
-                }
-                Staged::Block { rdev: d, at } => {
-                    &m.mount_point != at && rdev(&m.mount_point).ok() == Some(*d)
-                }
+                Staged::Fs { dev, root, at } => m.dev() == *dev && &m.root == root && &m.mount_point != at,
+                Staged::Block { rdev: d, at } => &m.mount_point != at && rdev(&m.mount_point).ok() == Some(*d),
             })
             .map(|m| m.mount_point.clone())
             .collect()
     }
 
-    async fn stage(
-        &self,
-        req: csi::NodeStageVolumeRequest,
-    ) -> Result<csi::NodeStageVolumeResponse, CsiError> {
+    async fn stage(&self, req: csi::NodeStageVolumeRequest) -> Result<csi::NodeStageVolumeResponse, CsiError> {
         paths::validate_volume_id(&req.volume_id)?;
         let id = req.volume_id.as_str();
         let staging = self.path(&req.staging_target_path, "staging_target_path")?;
         let cap = access::parse_capability(req.volume_capability.as_ref(), "volume_capability")?;
         let ctx = NodeContext::from_context(&req.volume_context)?;
-        access::check_supported(&cap, ctx.kind)
-            .map_err(|e| invalid(format!("volume {id}: {e}")))?;
+        access::check_supported(&cap, ctx.kind).map_err(|e| invalid(format!("volume {id}: {e}")))?;
         let _guard = self.locks.try_lock(id)?;
         let readonly = access::is_reader_only(cap.mode)
-            || req
-                .publish_context
-                .get(publish::READONLY)
-                .map(String::as_str)
-                == Some("true");
+            || req.publish_context.get(publish::READONLY).map(String::as_str) == Some("true");
         match (&cap.access, ctx.kind) {
             (Access::Mount { mount_group, .. }, VolumeKind::File) => {
-                self.stage_file(id, &staging, &cap, readonly, *mount_group)
-                    .await?
+                self.stage_file(id, &staging, &cap, readonly, *mount_group).await?
             }
             (Access::Block, _) => {
-                let (device, fresh) = self
-                    .attach(id, &cap, readonly, &req.publish_context)
-                    .await?;
+                let (device, fresh) = self.attach(id, &cap, readonly, &req.publish_context).await?;
                 if let Err(e) = block::stage(id, &device, &staging) {
                     if fresh {
                         self.detach_after_failure(id).await;
@@ -188,14 +158,9 @@ impl NodeService {
                     return Err(e);
                 }
             }
-            (
-                Access::Mount {
-                    flags, mount_group, ..
-                },
-                VolumeKind::Block,
-            ) => {
-                let fs = access::effective_fs_type(&cap, ctx.fs_type)
-                    .map_err(|e| invalid(format!("volume {id}: {e}")))?;
+            (Access::Mount { flags, mount_group, .. }, VolumeKind::Block) => {
+                let fs =
+                    access::effective_fs_type(&cap, ctx.fs_type).map_err(|e| invalid(format!("volume {id}: {e}")))?;
                 let options = MountOptions::parse(flags)?;
                 // Something mounted there already: compare with the current
                 // attachment rather than attaching first.
@@ -208,9 +173,7 @@ impl NodeService {
                         staging.display()
                     )));
                 }
-                let (device, fresh) = self
-                    .attach(id, &cap, readonly, &req.publish_context)
-                    .await?;
+                let (device, fresh) = self.attach(id, &cap, readonly, &req.publish_context).await?;
                 let res = filesystem::stage(filesystem::Stage {
                     volume_id: id,
                     device: &device,
@@ -242,10 +205,10 @@ impl NodeService {
     ) -> Result<(), CsiError> {
         if let Some(m) = mountinfo::mount_at(staging).map_err(table_err)? {
             let list = self.attachments(id).await?;
-            let ours = list.mounts.iter().any(|lm| {
-                (lm.volume_id == id || lm.volume_name == id)
-                    && Path::new(&lm.target) == m.mount_point
-            });
+            let ours = list
+                .mounts
+                .iter()
+                .any(|lm| (lm.volume_id == id || lm.volume_name == id) && Path::new(&lm.target) == m.mount_point);
             if is_fuse(&m) && ours {
                 return Ok(());
             }
@@ -266,24 +229,16 @@ impl NodeService {
                 options: Vec::new(),
             })
             .await
-            .map_err(|s| {
-                from_volumed(s, format!("volume {id}: mounting at {}", staging.display()))
-            })?;
+            .map_err(|s| from_volumed(s, format!("volume {id}: mounting at {}", staging.display())))?;
         if let (Some(gid), false) = (mount_group, readonly) {
             fsgroup::apply(staging, gid).map_err(|e| {
-                CsiError::Internal(format!(
-                    "volume {id}: giving group {gid} access to {}: {e}",
-                    staging.display()
-                ))
+                CsiError::Internal(format!("volume {id}: giving group {gid} access to {}: {e}", staging.display()))
             })?;
         }
         Ok(())
     }
 
-    async fn unstage(
-        &self,
-        req: csi::NodeUnstageVolumeRequest,
-    ) -> Result<csi::NodeUnstageVolumeResponse, CsiError> {
+    async fn unstage(&self, req: csi::NodeUnstageVolumeRequest) -> Result<csi::NodeUnstageVolumeResponse, CsiError> {
         paths::validate_volume_id(&req.volume_id)?;
         let id = req.volume_id.as_str();
         let staging = self.path(&req.staging_target_path, "staging_target_path")?;
@@ -304,44 +259,35 @@ impl NodeService {
         // staged filesystem, which is user data).
         let block_file = block::staged_path(&staging, id);
         let block_mounted = mountinfo::find(&mounts, &block_file).is_some();
-        let leftover = mountinfo::find(&mounts, &staging).is_none()
-            && std::fs::symlink_metadata(&block_file).is_ok();
+        let leftover = mountinfo::find(&mounts, &staging).is_none() && std::fs::symlink_metadata(&block_file).is_ok();
         if block_mounted || leftover {
             block::unstage(id, &staging)?;
         }
         if let Some(m) = mountinfo::find(&mounts, &staging) {
             if is_fuse(m) {
-                self.volumed.unmount(&staging).await.map_err(|s| {
-                    from_volumed(s, format!("volume {id}: unmounting {}", staging.display()))
-                })?;
+                self.volumed
+                    .unmount(&staging)
+                    .await
+                    .map_err(|s| from_volumed(s, format!("volume {id}: unmounting {}", staging.display())))?;
             }
             filesystem::unstage(id, &staging)?;
         }
         match self.volumed.detach(id).await {
             Ok(_) => {}
             Err(s) if s.code() == tonic::Code::NotFound => {}
-            Err(s) => {
-                return Err(from_volumed(
-                    s,
-                    format!("volume {id}: detaching from this node"),
-                ))
-            }
+            Err(s) => return Err(from_volumed(s, format!("volume {id}: detaching from this node"))),
         }
         Ok(csi::NodeUnstageVolumeResponse {})
     }
 
-    async fn publish(
-        &self,
-        req: csi::NodePublishVolumeRequest,
-    ) -> Result<csi::NodePublishVolumeResponse, CsiError> {
+    async fn publish(&self, req: csi::NodePublishVolumeRequest) -> Result<csi::NodePublishVolumeResponse, CsiError> {
         paths::validate_volume_id(&req.volume_id)?;
         let id = req.volume_id.as_str();
         let target = self.path(&req.target_path, "target_path")?;
         let staging = self.path(&req.staging_target_path, "staging_target_path")?;
         let cap = access::parse_capability(req.volume_capability.as_ref(), "volume_capability")?;
         let ctx = NodeContext::from_context(&req.volume_context)?;
-        access::check_supported(&cap, ctx.kind)
-            .map_err(|e| invalid(format!("volume {id}: {e}")))?;
+        access::check_supported(&cap, ctx.kind).map_err(|e| invalid(format!("volume {id}: {e}")))?;
         if target == staging {
             return Err(invalid(format!(
                 "volume {id}: target_path and staging_target_path are both {}",
@@ -369,9 +315,7 @@ impl NodeService {
         }
         match &cap.access {
             Access::Block => block::publish(id, &staging, &target, readonly)?,
-            Access::Mount {
-                flags, mount_group, ..
-            } => {
+            Access::Mount { flags, mount_group, .. } => {
                 let options = MountOptions::parse(flags)?;
                 filesystem::publish(id, &staging, &target, readonly, &options)?;
                 if let (Some(gid), false) = (mount_group, readonly) {
@@ -404,43 +348,27 @@ impl NodeService {
 
     /// Finds what `path` shows of volume `id`: the mount and, for devices,
     /// the attached device node. NOT_FOUND when it is not this volume.
-    async fn locate(
-        &self,
-        id: &str,
-        path: &Path,
-    ) -> Result<(MountInfo, Option<PathBuf>), CsiError> {
+    async fn locate(&self, id: &str, path: &Path) -> Result<(MountInfo, Option<PathBuf>), CsiError> {
         if std::fs::symlink_metadata(path).is_err() {
-            return Err(CsiError::NotFound(format!(
-                "volume {id}: path {} does not exist",
-                path.display()
-            )));
+            return Err(CsiError::NotFound(format!("volume {id}: path {} does not exist", path.display())));
         }
-        let m = mountinfo::mount_at(path)
-            .map_err(table_err)?
-            .ok_or_else(|| {
-                CsiError::NotFound(format!(
-                    "volume {id}: {} is not a mount point, so not a staged or published volume",
-                    path.display()
-                ))
-            })?;
+        let m = mountinfo::mount_at(path).map_err(table_err)?.ok_or_else(|| {
+            CsiError::NotFound(format!(
+                "volume {id}: {} is not a mount point, so not a staged or published volume",
+                path.display()
+            ))
+        })?;
         let list = self.attachments(id).await?;
         if is_fuse(&m) {
-            let ours = list
-                .mounts
-                .iter()
-                .any(|lm| lm.volume_id == id || lm.volume_name == id);
+            let ours = list.mounts.iter().any(|lm| lm.volume_id == id || lm.volume_name == id);
             return if ours {
                 Ok((m, None))
             } else {
-                Err(CsiError::NotFound(format!(
-                    "volume {id}: {} is not a mount of this volume",
-                    path.display()
-                )))
+                Err(CsiError::NotFound(format!("volume {id}: {} is not a mount of this volume", path.display())))
             };
         }
-        let att = find_attachment(&list, id).ok_or_else(|| {
-            CsiError::NotFound(format!("volume {id} is not attached on this node"))
-        })?;
+        let att = find_attachment(&list, id)
+            .ok_or_else(|| CsiError::NotFound(format!("volume {id} is not attached on this node")))?;
         let device = PathBuf::from(&att.device);
         let dev = rdev(&device)?;
         let same = rdev(path).ok() == Some(dev) || m.dev() == dev;
@@ -469,32 +397,18 @@ impl NodeService {
         let (_m, device) = self.locate(id, &path).await?;
         let is_block_target = rdev(&path).is_ok();
         let mut condition = match self.volumed.device_health(id).await {
-            Ok(h) if h.attached && h.healthy => csi::VolumeCondition {
-                abnormal: false,
-                message: "healthy".into(),
-            },
+            Ok(h) if h.attached && h.healthy => csi::VolumeCondition { abnormal: false, message: "healthy".into() },
             Ok(h) => csi::VolumeCondition {
                 abnormal: true,
                 message: format!(
                     "volume {id}: device {} ({})",
-                    if h.attached {
-                        "unhealthy"
-                    } else {
-                        "not attached"
-                    },
-                    if h.reason.is_empty() {
-                        "no reason given"
-                    } else {
-                        &h.reason
-                    }
+                    if h.attached { "unhealthy" } else { "not attached" },
+                    if h.reason.is_empty() { "no reason given" } else { &h.reason }
                 ),
             },
             Err(s) => csi::VolumeCondition {
                 abnormal: true,
-                message: format!(
-                    "volume {id}: local volumed cannot report device health: {}",
-                    s.message()
-                ),
+                message: format!("volume {id}: local volumed cannot report device health: {}", s.message()),
             },
         };
         let usage = if is_block_target {
@@ -509,26 +423,17 @@ impl NodeService {
                             "volume {id}: reading filesystem statistics of {} failed: {}{}",
                             path.display(),
                             e.desc(),
-                            device
-                                .as_ref()
-                                .map(|d| format!(" (device {})", d.display()))
-                                .unwrap_or_default()
+                            device.as_ref().map(|d| format!(" (device {})", d.display())).unwrap_or_default()
                         ),
                     };
                     Vec::new()
                 }
             }
         };
-        Ok(csi::NodeGetVolumeStatsResponse {
-            usage,
-            volume_condition: Some(condition),
-        })
+        Ok(csi::NodeGetVolumeStatsResponse { usage, volume_condition: Some(condition) })
     }
 
-    async fn expand(
-        &self,
-        req: csi::NodeExpandVolumeRequest,
-    ) -> Result<csi::NodeExpandVolumeResponse, CsiError> {
+    async fn expand(&self, req: csi::NodeExpandVolumeRequest) -> Result<csi::NodeExpandVolumeResponse, CsiError> {
         paths::validate_volume_id(&req.volume_id)?;
         let id = req.volume_id.as_str();
         if req.volume_path.is_empty() {
@@ -545,10 +450,7 @@ impl NodeService {
         } else {
             self.path(&req.staging_target_path, "staging_target_path")?
         };
-        let (range_req, range_lim) = req
-            .capacity_range
-            .map(|r| (r.required_bytes, r.limit_bytes))
-            .unwrap_or((0, 0));
+        let (range_req, range_lim) = req.capacity_range.map(|r| (r.required_bytes, r.limit_bytes)).unwrap_or((0, 0));
         if range_req < 0 || range_lim < 0 {
             return Err(invalid("capacity_range: bytes must not be negative"));
         }
@@ -558,23 +460,28 @@ impl NodeService {
             // File volumes grow in volumed; nothing to do on the node.
             return Ok(csi::NodeExpandVolumeResponse { capacity_bytes: 0 });
         };
-        let size = stats::block_device_size(&device)?;
+        // volumed grows an attached device by itself once the volume has
+        // grown (its attachment watcher notices within seconds): wait for
+        // that rather than send kubelet into a retry loop.
+        let deadline = tokio::time::Instant::now() + DEVICE_GROW_WAIT;
+        let mut size = stats::block_device_size(&device)?;
+        while (range_req as u64) > size && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            size = stats::block_device_size(&device)?;
+        }
         if range_req as u64 > size {
             return Err(CsiError::FailedPrecondition(format!(
                 "volume {id}: device {} is {size} bytes, below the requested {range_req}; the volume \
-                 has not grown on this node yet",
-                device.display()
+                 did not grow on this node within {}s; retry once it has",
+                device.display(),
+                DEVICE_GROW_WAIT.as_secs()
             )));
         }
         let raw = cap.as_ref().is_some_and(|c| c.is_block()) || rdev(&path).is_ok();
         if !raw {
-            expand::grow(&m.fs_type, &device, &m.mount_point)
-                .await
-                .map_err(|e| e.context(format!("volume {id}")))?;
+            expand::grow(&m.fs_type, &device, &m.mount_point).await.map_err(|e| e.context(format!("volume {id}")))?;
         }
-        Ok(csi::NodeExpandVolumeResponse {
-            capacity_bytes: capacity::to_i64(size),
-        })
+        Ok(csi::NodeExpandVolumeResponse { capacity_bytes: capacity::to_i64(size) })
     }
 
     async fn info(&self) -> Result<csi::NodeGetInfoResponse, CsiError> {
@@ -584,9 +491,7 @@ impl NodeService {
             .await
             .map_err(|s| from_volumed(s, "asking the local volumed for its node identity"))?;
         if info.node_id == 0 {
-            return Err(CsiError::Unavailable(
-                "the local volumed has no node id yet (not joined to a cluster)".into(),
-            ));
+            return Err(CsiError::Unavailable("the local volumed has no node id yet (not joined to a cluster)".into()));
         }
         let segments = topology::segments(&info.labels);
         Ok(csi::NodeGetInfoResponse {
@@ -658,9 +563,7 @@ impl Node for NodeService {
         _request: Request<csi::NodeGetCapabilitiesRequest>,
     ) -> Result<Response<csi::NodeGetCapabilitiesResponse>, Status> {
         observe("NodeGetCapabilities", "", async {
-            Ok(csi::NodeGetCapabilitiesResponse {
-                capabilities: caps::node_capabilities(),
-            })
+            Ok(csi::NodeGetCapabilitiesResponse { capabilities: caps::node_capabilities() })
         })
         .await
     }

@@ -17,9 +17,8 @@ pub fn block_device_size(path: &Path) -> Result<u64, CsiError> {
         .map_err(|e| CsiError::Internal(format!("opening block device {}: {e}", path.display())))?;
     let mut size: u64 = 0;
     // SAFETY: BLKGETSIZE64 writes one u64 into `size`; the fd is open.
-    unsafe { blk_get_size64(f.as_raw_fd(), &mut size) }.map_err(|e| {
-        CsiError::Internal(format!("BLKGETSIZE64 on {}: {}", path.display(), e.desc()))
-    })?;
+    unsafe { blk_get_size64(f.as_raw_fd(), &mut size) }
+        .map_err(|e| CsiError::Internal(format!("BLKGETSIZE64 on {}: {}", path.display(), e.desc())))?;
     Ok(size)
 }
 
@@ -53,12 +52,7 @@ pub fn filesystem_usage(path: &Path) -> Result<Vec<VolumeUsage>, Errno> {
 
 pub fn block_usage(path: &Path) -> Result<Vec<VolumeUsage>, CsiError> {
     let size = block_device_size(path)?;
-    Ok(vec![VolumeUsage {
-        available: 0,
-        total: to_i64(size),
-        used: 0,
-        unit: Unit::Bytes as i32,
-    }])
+    Ok(vec![VolumeUsage { available: 0, total: to_i64(size), used: 0, unit: Unit::Bytes as i32 }])
 }
 
 #[cfg(test)]

@@ -33,21 +33,14 @@ pub struct GrpcLocalVolumed {
 
 impl GrpcLocalVolumed {
     pub fn new(socket: &Path) -> GrpcLocalVolumed {
-        GrpcLocalVolumed {
-            client: NodeLocalClient::new(serve::channel(&Endpoint::Unix(socket.to_path_buf()))),
-        }
+        GrpcLocalVolumed { client: NodeLocalClient::new(serve::channel(&Endpoint::Unix(socket.to_path_buf()))) }
     }
 }
 
 #[tonic::async_trait]
 impl LocalVolumed for GrpcLocalVolumed {
     async fn node_info(&self) -> Result<vd::NodeInfoResponse, Status> {
-        Ok(self
-            .client
-            .clone()
-            .node_info(vd::NodeInfoRequest {})
-            .await?
-            .into_inner())
+        Ok(self.client.clone().node_info(vd::NodeInfoRequest {}).await?.into_inner())
     }
 
     async fn attach(&self, req: vd::AttachRequest) -> Result<vd::AttachResponse, Status> {
@@ -55,32 +48,19 @@ impl LocalVolumed for GrpcLocalVolumed {
     }
 
     async fn detach(&self, volume: &str) -> Result<bool, Status> {
-        let r = self
-            .client
-            .clone()
-            .detach(vd::DetachRequest {
-                volume: volume.to_string(),
-            })
-            .await?;
+        let r = self.client.clone().detach(vd::DetachRequest { volume: volume.to_string() }).await?;
         Ok(r.into_inner().existed)
     }
 
     async fn list_attachments(&self) -> Result<vd::ListAttachmentsResponse, Status> {
-        Ok(self
-            .client
-            .clone()
-            .list_attachments(vd::ListAttachmentsRequest {})
-            .await?
-            .into_inner())
+        Ok(self.client.clone().list_attachments(vd::ListAttachmentsRequest {}).await?.into_inner())
     }
 
     async fn device_health(&self, volume: &str) -> Result<vd::DeviceHealthResponse, Status> {
         Ok(self
             .client
             .clone()
-            .device_health(vd::DeviceHealthRequest {
-                volume: volume.to_string(),
-            })
+            .device_health(vd::DeviceHealthRequest { volume: volume.to_string() })
             .await?
             .into_inner())
     }
@@ -90,13 +70,8 @@ impl LocalVolumed for GrpcLocalVolumed {
     }
 
     async fn unmount(&self, target: &Path) -> Result<bool, Status> {
-        let r = self
-            .client
-            .clone()
-            .unmount(vd::UnmountRequest {
-                target: target.to_string_lossy().into_owned(),
-            })
-            .await?;
+        let r =
+            self.client.clone().unmount(vd::UnmountRequest { target: target.to_string_lossy().into_owned() }).await?;
         Ok(r.into_inner().existed)
     }
 }
@@ -107,10 +82,6 @@ pub struct LocalReadiness<V: LocalVolumed>(pub std::sync::Arc<V>);
 #[tonic::async_trait]
 impl<V: LocalVolumed> Readiness for LocalReadiness<V> {
     async fn check(&self) -> Result<(), String> {
-        self.0
-            .node_info()
-            .await
-            .map(|_| ())
-            .map_err(|s| format!("local volumed: {}", s.message()))
+        self.0.node_info().await.map(|_| ()).map_err(|s| format!("local volumed: {}", s.message()))
     }
 }

@@ -4,14 +4,7 @@ use std::process::Command;
 
 fn cmd() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_csi-node"));
-    for v in [
-        "CSI_ENDPOINT",
-        "VOLUMED_LOCAL_SOCKET",
-        "http_proxy",
-        "https_proxy",
-        "HTTP_PROXY",
-        "HTTPS_PROXY",
-    ] {
+    for v in ["CSI_ENDPOINT", "VOLUMED_LOCAL_SOCKET", "http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"] {
         c.env_remove(v);
     }
     c
@@ -20,22 +13,11 @@ fn cmd() -> Command {
 #[test]
 fn check_config_prints_effective_config() {
     let out = cmd()
-        .args([
-            "--check-config",
-            "--kubelet-dir",
-            "/tmp/kubelet",
-            "--log-format",
-            "json",
-        ])
+        .args(["--check-config", "--kubelet-dir", "/tmp/kubelet", "--log-format", "json"])
         .env("VOLUMED_LOCAL_SOCKET", "/run/v/v.sock")
         .output()
         .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["endpoint"], "unix:///csi/csi.sock");
     assert_eq!(v["volumed_socket"], "/run/v/v.sock");

@@ -9,16 +9,16 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tonic::transport::Channel;
-use volumed_proto::volumed::v1 as pb;
 use volumed_nbd::client::{ClientOptions, NbdClient, StaticEndpoints};
+use volumed_proto::volumed::v1 as pb;
 use volumed_proto::volumed::v1::admin_client::AdminClient;
 
 static CLUSTERS: AtomicU32 = AtomicU32::new(0);
@@ -63,7 +63,9 @@ pub fn workspace_bin(name: &str) -> PathBuf {
 /// Clears proxy variables: the environment of this machine sets them and
 /// nothing in a test must go through a proxy.
 pub fn clean_env(cmd: &mut Command) -> &mut Command {
-    for v in ["http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY", "no_proxy", "NO_PROXY"] {
+    for v in
+        ["http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY", "no_proxy", "NO_PROXY"]
+    {
         cmd.env_remove(v);
     }
     cmd
@@ -378,7 +380,13 @@ impl Cluster {
     }
 
     /// Waits until `pred` holds for the volume (or panics with its state).
-    pub async fn wait_volume(&self, key: &str, timeout: Duration, what: &str, pred: impl Fn(&pb::Volume) -> bool) -> pb::Volume {
+    pub async fn wait_volume(
+        &self,
+        key: &str,
+        timeout: Duration,
+        what: &str,
+        pred: impl Fn(&pb::Volume) -> bool,
+    ) -> pb::Volume {
         let deadline = Instant::now() + timeout;
         let mut last = None;
         loop {
@@ -438,7 +446,9 @@ impl Cluster {
             if let Ok(r) = c.list_nodes(pb::ListNodesRequest {}).await {
                 let n = r.into_inner().nodes.into_iter().find(|n| n.name == name);
                 if let Some(n) = &n {
-                    if Duration::from_millis(n.last_heartbeat_ms_ago) < since.elapsed() && n.state == pb::NodeState::Up as i32 {
+                    if Duration::from_millis(n.last_heartbeat_ms_ago) < since.elapsed()
+                        && n.state == pb::NodeState::Up as i32
+                    {
                         return;
                     }
                 }

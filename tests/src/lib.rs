@@ -4,6 +4,8 @@
 //! the real binaries on real sockets.
 
 pub mod cluster;
+pub mod files;
 pub mod node_local;
+pub mod snapshots;
 pub mod tools;
 pub mod workload;

@@ -8,11 +8,10 @@ use super::cluster::clean_env;
 
 /// Fails the test with the package to install when a tool is missing.
 pub fn require(tool: &str, package: &str) {
-    let found = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).exists()))
-        .unwrap_or(false)
-        || Path::new("/usr/sbin").join(tool).exists()
-        || Path::new("/sbin").join(tool).exists();
+    let found =
+        std::env::var_os("PATH").map(|p| std::env::split_paths(&p).any(|d| d.join(tool).exists())).unwrap_or(false)
+            || Path::new("/usr/sbin").join(tool).exists()
+            || Path::new("/sbin").join(tool).exists();
     assert!(found, "{tool} is not installed: apt-get install {package} (.ci/run installs it)");
 }
 

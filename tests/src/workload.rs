@@ -73,9 +73,22 @@ pub struct BlockRecord {
     pub uncertain: Vec<u64>,
 }
 
+/// One write of a [`Writer`]: when it was issued and when (if ever) it
+/// was acknowledged. Writes to one block are issued one after the other,
+/// in increasing `seq`.
+#[derive(Debug, Clone)]
+pub struct WriteEvent {
+    pub block: u64,
+    pub seq: u64,
+    pub issued: Instant,
+    pub acked: Option<Instant>,
+}
+
 /// Per-block history of a workload, plus an ack timeline.
 #[derive(Debug, Default)]
 pub struct Ledger {
+    /// Every write, in issue order per writer task.
+    pub events: Vec<WriteEvent>,
     pub blocks: BTreeMap<u64, BlockRecord>,
     pub acks: u64,
     pub failures: Vec<String>,
@@ -158,10 +171,19 @@ impl Writer {
                     }
                     let seq = SEQ.fetch_add(1, Ordering::Relaxed);
                     let data = Bytes::from(make_block(block, seq));
+                    let issued = Instant::now();
                     match dev.write(block * BLOCK as u64, data, false).await {
-                        Ok(()) => ledger.lock().unwrap().acked(block, seq),
+                        Ok(()) => {
+                            let mut l = ledger.lock().unwrap();
+                            l.acked(block, seq);
+                            l.events.push(WriteEvent { block, seq, issued, acked: Some(Instant::now()) });
+                        }
                         Err(e) => {
-                            ledger.lock().unwrap().failed(block, seq, e.to_string());
+                            {
+                                let mut l = ledger.lock().unwrap();
+                                l.failed(block, seq, e.to_string());
+                                l.events.push(WriteEvent { block, seq, issued, acked: None });
+                            }
                             // Do not spin on a device that refuses everything.
                             tokio::time::sleep(Duration::from_millis(100)).await;
                         }
@@ -286,4 +308,83 @@ pub async fn fill(dev: &Arc<NbdClient>, first: u64, count: u64, blocks_per_write
         }
     }
     ledger
+}
+
+/// What a point-in-time copy holds of one device: the sequence number of
+/// each block's content (`None`: zeros) over the writer's range.
+pub type Image = BTreeMap<u64, Option<u64>>;
+
+/// Reads blocks `first..first + count` of `dev` into an [`Image`]; every
+/// block must be zeros or an intact self-describing block of its own
+/// number.
+pub async fn read_image(dev: &dyn BlockDevice, first: u64, count: u64) -> Result<Image, String> {
+    let mut out = Image::new();
+    let mut b = first;
+    while b < first + count {
+        let n = 256u64.min(first + count - b);
+        let data = dev
+            .read(b * BLOCK as u64, (n as usize * BLOCK) as u32)
+            .await
+            .map_err(|e| format!("read of blocks {b}..{}: {e}", b + n))?;
+        for i in 0..n {
+            let block = b + i;
+            match parse_block(&data[i as usize * BLOCK..(i as usize + 1) * BLOCK])? {
+                None => out.insert(block, None),
+                Some((got, _)) if got != block => return Err(format!("block {block} holds block {got}'s data")),
+                Some((_, seq)) => out.insert(block, Some(seq)),
+            };
+        }
+        b += n;
+    }
+    Ok(out)
+}
+
+/// Checks that images of several devices, taken as one cut while writers
+/// ran, show one point in time: every block holds a write that was really
+/// issued to it (or zeros), and no write that is in the cut was issued
+/// after a write that is not in it had been acknowledged (anywhere, on any
+/// of the devices). `parts` pairs each device's image with its writer's
+/// events. Returns (writes in the cut, acknowledged writes not in it).
+pub fn check_cut(parts: &[(&Image, &[WriteEvent])]) -> Result<(usize, usize), String> {
+    let mut latest_issue_in: Option<(Instant, u64)> = None;
+    let mut earliest_ack_out: Option<(Instant, u64)> = None;
+    let (mut inside, mut outside) = (0usize, 0usize);
+    for (image, events) in parts {
+        let mut by_block: BTreeMap<u64, Vec<&WriteEvent>> = BTreeMap::new();
+        for e in events.iter() {
+            by_block.entry(e.block).or_default().push(e);
+        }
+        for (block, seq) in image.iter() {
+            let writes = by_block.get(block).map(Vec::as_slice).unwrap_or(&[]);
+            if let Some(seq) = seq {
+                if !writes.iter().any(|w| w.seq == *seq) {
+                    return Err(format!("block {block} holds seq {seq}, which was never written to it"));
+                }
+            }
+            for w in writes {
+                let included = seq.is_some_and(|s| w.seq <= s);
+                if included {
+                    inside += 1;
+                    if latest_issue_in.is_none_or(|(t, _)| w.issued > t) {
+                        latest_issue_in = Some((w.issued, w.seq));
+                    }
+                } else if let Some(acked) = w.acked {
+                    outside += 1;
+                    if earliest_ack_out.is_none_or(|(t, _)| acked < t) {
+                        earliest_ack_out = Some((acked, w.seq));
+                    }
+                }
+            }
+        }
+    }
+    if let (Some((issued, inner)), Some((acked, outer))) = (latest_issue_in, earliest_ack_out) {
+        if acked < issued {
+            return Err(format!(
+                "not one point in time: seq {inner} is in the cut, but was issued {:?} after seq {outer}, which is not, \
+                 had been acknowledged",
+                issued - acked
+            ));
+        }
+    }
+    Ok((inside, outside))
 }

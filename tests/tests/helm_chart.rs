@@ -28,24 +28,13 @@ const CRD_KINDS: &[&str] = &["VolumeSnapshotClass", "ServiceMonitor"];
 /// Values the downward API would give, for running the binaries.
 const FAKE_NODE: &str = "node-a";
 const FAKE_POD_IP: &str = "127.0.0.1";
-const PROXY_VARS: &[&str] = &[
-    "http_proxy",
-    "https_proxy",
-    "HTTP_PROXY",
-    "HTTPS_PROXY",
-    "all_proxy",
-    "ALL_PROXY",
-    "no_proxy",
-    "NO_PROXY",
-];
+const PROXY_VARS: &[&str] =
+    &["http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY", "no_proxy", "NO_PROXY"];
 
 // ---------------------------------------------------------------- tools
 
 fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests crate lives in the repository")
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests crate lives in the repository").to_path_buf()
 }
 
 fn chart_dir() -> PathBuf {
@@ -65,15 +54,12 @@ fn tool(name: &str) -> PathBuf {
     if let Some(path) = std::env::var_os("PATH") {
         dirs.extend(std::env::split_paths(&path));
     }
-    dirs.into_iter()
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| {
-            panic!(
-                "{name} not found in $VOLUMED_TOOLS_DIR/bin, /opt/volumed-tools/bin or PATH: \
+    dirs.into_iter().map(|d| d.join(name)).find(|p| p.is_file()).unwrap_or_else(|| {
+        panic!(
+            "{name} not found in $VOLUMED_TOOLS_DIR/bin, /opt/volumed-tools/bin or PATH: \
                  run .ci/install-helm-tools.sh first"
-            )
-        })
+        )
+    })
 }
 
 fn command(program: impl AsRef<std::ffi::OsStr>) -> Command {
@@ -85,8 +71,7 @@ fn command(program: impl AsRef<std::ffi::OsStr>) -> Command {
 }
 
 fn run(cmd: &mut Command) -> Output {
-    cmd.output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
+    cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
 }
 
 fn text(bytes: &[u8]) -> String {
@@ -94,12 +79,7 @@ fn text(bytes: &[u8]) -> String {
 }
 
 fn describe(out: &Output) -> String {
-    format!(
-        "exit {:?}\n--- stdout\n{}\n--- stderr\n{}",
-        out.status.code(),
-        text(&out.stdout),
-        text(&out.stderr)
-    )
+    format!("exit {:?}\n--- stdout\n{}\n--- stderr\n{}", out.status.code(), text(&out.stdout), text(&out.stderr))
 }
 
 // ---------------------------------------------------------------- renders
@@ -113,9 +93,7 @@ struct Render {
 
 fn helm_template(values: &[PathBuf], extra: &[&str]) -> Output {
     let mut cmd = command(tool("helm"));
-    cmd.args(["template", RELEASE])
-        .arg(chart_dir())
-        .args(["--namespace", NAMESPACE]);
+    cmd.args(["template", RELEASE]).arg(chart_dir()).args(["--namespace", NAMESPACE]);
     for v in values {
         cmd.arg("--values").arg(v);
     }
@@ -132,20 +110,11 @@ fn parse_docs(yaml: &str) -> Vec<Value> {
 
 fn render(label: &'static str, values: Vec<PathBuf>) -> Render {
     let out = helm_template(&values, &[]);
-    assert!(
-        out.status.success(),
-        "helm template ({label}) failed: {}",
-        describe(&out)
-    );
+    assert!(out.status.success(), "helm template ({label}) failed: {}", describe(&out));
     let yaml = text(&out.stdout);
     let docs = parse_docs(&yaml);
     assert!(!docs.is_empty(), "helm template ({label}) rendered nothing");
-    Render {
-        label,
-        values,
-        yaml,
-        docs,
-    }
+    Render { label, values, yaml, docs }
 }
 
 fn renders() -> [&'static Render; 2] {
@@ -164,13 +133,7 @@ impl Render {
 
     fn one(&self, kind: &str) -> &Value {
         let all = self.of_kind(kind);
-        assert_eq!(
-            all.len(),
-            1,
-            "{}: want exactly one {kind}, got {}",
-            self.label,
-            all.len()
-        );
+        assert_eq!(all.len(), 1, "{}: want exactly one {kind}, got {}", self.label, all.len());
         all[0]
     }
 
@@ -238,12 +201,7 @@ fn container<'a>(workload: &'a Value, name: &str) -> &'a Value {
         .iter()
         .chain(seq(&spec["initContainers"]))
         .find(|c| s(&c["name"]) == name)
-        .unwrap_or_else(|| {
-            panic!(
-                "no container {name} in {}",
-                s(&workload["metadata"]["name"])
-            )
-        })
+        .unwrap_or_else(|| panic!("no container {name} in {}", s(&workload["metadata"]["name"])))
 }
 
 fn args(c: &Value) -> Vec<String> {
@@ -253,25 +211,15 @@ fn args(c: &Value) -> Vec<String> {
 /// The value of `--flag=value` (the chart always uses that form).
 fn flag(c: &Value, name: &str) -> Option<String> {
     let prefix = format!("{name}=");
-    args(c)
-        .iter()
-        .find_map(|a| a.strip_prefix(&prefix).map(str::to_string))
+    args(c).iter().find_map(|a| a.strip_prefix(&prefix).map(str::to_string))
 }
 
 fn has_flag(c: &Value, name: &str) -> bool {
-    args(c)
-        .iter()
-        .any(|a| a == name || a.starts_with(&format!("{name}=")))
+    args(c).iter().any(|a| a == name || a.starts_with(&format!("{name}=")))
 }
 
 fn want_flag(c: &Value, name: &str) -> String {
-    flag(c, name).unwrap_or_else(|| {
-        panic!(
-            "container {} has no {name}=...: {:?}",
-            s(&c["name"]),
-            args(c)
-        )
-    })
+    flag(c, name).unwrap_or_else(|| panic!("container {} has no {name}=...: {:?}", s(&c["name"]), args(c)))
 }
 
 fn mount<'a>(c: &'a Value, volume: &str) -> &'a Value {
@@ -289,16 +237,11 @@ fn volume<'a>(workload: &'a Value, name: &str) -> &'a Value {
 }
 
 fn port_of(addr: &str) -> u16 {
-    addr.rsplit(':')
-        .next()
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("no port in {addr}"))
+    addr.rsplit(':').next().and_then(|p| p.parse().ok()).unwrap_or_else(|| panic!("no port in {addr}"))
 }
 
 fn yaml_int(v: &Value) -> i64 {
-    v.as_i64()
-        .or_else(|| v.as_str().and_then(|x| x.parse().ok()))
-        .unwrap_or_else(|| panic!("not an integer: {v:?}"))
+    v.as_i64().or_else(|| v.as_str().and_then(|x| x.parse().ok())).unwrap_or_else(|| panic!("not an integer: {v:?}"))
 }
 
 // ---------------------------------------------------------------- lint + schema
@@ -312,16 +255,8 @@ fn helm_lint_strict_passes_with_default_and_all_on_values() {
             cmd.arg("--values").arg(v);
         }
         let out = run(&mut cmd);
-        assert!(
-            out.status.success(),
-            "helm lint --strict {values:?}: {}",
-            describe(&out)
-        );
-        assert!(
-            text(&out.stdout).contains("0 chart(s) failed"),
-            "{}",
-            describe(&out)
-        );
+        assert!(out.status.success(), "helm lint --strict {values:?}: {}", describe(&out));
+        assert!(text(&out.stdout).contains("0 chart(s) failed"), "{}", describe(&out));
     }
 }
 
@@ -352,11 +287,7 @@ fn kubernetes_validate(render: &Render, k8s_version: &str) {
     );
     // Nothing but the CRD kinds may be skipped, and the snapshot class is
     // always there in these renders: the skip list is not hiding anything.
-    assert!(
-        skipped.contains("VolumeSnapshotClass"),
-        "{}: skipped {skipped:?}",
-        render.label
-    );
+    assert!(skipped.contains("VolumeSnapshotClass"), "{}: skipped {skipped:?}", render.label);
 }
 
 #[test]
@@ -374,9 +305,7 @@ fn rendered_manifests_pass_kubernetes_schema_validation() {
 fn schema_validation_catches_a_broken_manifest() {
     // The validator really looks at our objects: one wrong field type fails.
     let [default, _] = renders();
-    let broken = default
-        .yaml
-        .replacen("attachRequired: true", "attachRequired: \"yes\"", 1);
+    let broken = default.yaml.replacen("attachRequired: true", "attachRequired: \"yes\"", 1);
     assert_ne!(broken, default.yaml);
     let dir = tempdir("validate-broken");
     let file = dir.join("broken.yaml");
@@ -384,11 +313,7 @@ fn schema_validation_catches_a_broken_manifest() {
     let out = run(command(tool("kubernetes-validate"))
         .args(["--strict", "--quiet", "--kubernetes-version", "1.35.0"])
         .arg(&file));
-    assert!(
-        !out.status.success(),
-        "a CSIDriver with a string attachRequired passed: {}",
-        describe(&out)
-    );
+    assert!(!out.status.success(), "a CSIDriver with a string attachRequired passed: {}", describe(&out));
 }
 
 // ---------------------------------------------------------------- invariants
@@ -413,30 +338,14 @@ fn driver_name_is_the_same_everywhere() {
         let classes = r.of_kind("StorageClass");
         assert!(classes.len() >= 3, "{}", r.label);
         for sc in classes {
-            assert_eq!(
-                s(&sc["provisioner"]),
-                driver,
-                "{}: {}",
-                r.label,
-                s(&sc["metadata"]["name"])
-            );
+            assert_eq!(s(&sc["provisioner"]), driver, "{}: {}", r.label, s(&sc["metadata"]["name"]));
         }
-        assert_eq!(
-            s(&r.one("VolumeSnapshotClass")["driver"]),
-            driver,
-            "{}",
-            r.label
-        );
+        assert_eq!(s(&r.one("VolumeSnapshotClass")["driver"]), driver, "{}", r.label);
         for vac in r.of_kind("VolumeAttributesClass") {
             assert_eq!(s(&vac["driverName"]), driver, "{}", r.label);
         }
         let controller = container(r.deployment(), "csi-controller");
-        assert_eq!(
-            want_flag(controller, "--driver-name"),
-            driver,
-            "{}",
-            r.label
-        );
+        assert_eq!(want_flag(controller, "--driver-name"), driver, "{}", r.label);
         let node = container(r.daemonset(), "csi-node");
         assert_eq!(want_flag(node, "--driver-name"), driver, "{}", r.label);
         let registrar = container(r.daemonset(), "node-driver-registrar");
@@ -454,21 +363,9 @@ fn node_pod_runs_volumed_and_csi_node_as_separate_containers() {
     for r in renders() {
         let ds = r.daemonset();
         let spec = pod_spec(ds);
-        let names: Vec<String> = seq(&spec["containers"])
-            .iter()
-            .map(|c| s(&c["name"]).to_string())
-            .collect();
-        for want in [
-            "volumed",
-            "csi-node",
-            "node-driver-registrar",
-            "liveness-probe",
-        ] {
-            assert!(
-                names.contains(&want.to_string()),
-                "{}: node pod containers {names:?}",
-                r.label
-            );
+        let names: Vec<String> = seq(&spec["containers"]).iter().map(|c| s(&c["name"]).to_string()).collect();
+        for want in ["volumed", "csi-node", "node-driver-registrar", "liveness-probe"] {
+            assert!(names.contains(&want.to_string()), "{}: node pod containers {names:?}", r.label);
         }
         let volumed = container(ds, "volumed");
         let csi_node = container(ds, "csi-node");
@@ -476,37 +373,16 @@ fn node_pod_runs_volumed_and_csi_node_as_separate_containers() {
         assert_eq!(strs(&csi_node["command"]), vec!["csi-node"], "{}", r.label);
         // Each restarts on its own: its own probes, and neither runs the other.
         assert!(!volumed["livenessProbe"].is_null() && !csi_node["livenessProbe"].is_null());
-        assert_eq!(
-            s(&spec["priorityClassName"]),
-            "system-node-critical",
-            "{}",
-            r.label
-        );
+        assert_eq!(s(&spec["priorityClassName"]), "system-node-critical", "{}", r.label);
         assert_eq!(spec["hostNetwork"], Value::Bool(true), "{}", r.label);
-        assert_eq!(
-            s(&spec["dnsPolicy"]),
-            "ClusterFirstWithHostNet",
-            "{}",
-            r.label
-        );
+        assert_eq!(s(&spec["dnsPolicy"]), "ClusterFirstWithHostNet", "{}", r.label);
         for c in [volumed, csi_node] {
-            assert_eq!(
-                c["securityContext"]["privileged"],
-                Value::Bool(true),
-                "{}: {}",
-                r.label,
-                s(&c["name"])
-            );
+            assert_eq!(c["securityContext"]["privileged"], Value::Bool(true), "{}: {}", r.label, s(&c["name"]));
         }
         // Sidecars do not need privileges.
         for name in ["node-driver-registrar", "liveness-probe"] {
             let c = container(ds, name);
-            assert_ne!(
-                c["securityContext"]["privileged"],
-                Value::Bool(true),
-                "{}: {name}",
-                r.label
-            );
+            assert_ne!(c["securityContext"]["privileged"], Value::Bool(true), "{}: {name}", r.label);
         }
     }
 }
@@ -524,59 +400,20 @@ fn node_pod_mounts_and_propagation() {
         let kd = mount(csi_node, "kubelet-dir");
         assert_eq!(s(&kd["mountPath"]), kubelet_dir, "{}", r.label);
         assert_eq!(s(&kd["mountPropagation"]), "Bidirectional", "{}", r.label);
-        assert_eq!(
-            s(&volume(ds, "kubelet-dir")["hostPath"]["path"]),
-            kubelet_dir,
-            "{}",
-            r.label
-        );
-        assert_eq!(
-            want_flag(csi_node, "--kubelet-dir"),
-            kubelet_dir,
-            "{}",
-            r.label
-        );
+        assert_eq!(s(&volume(ds, "kubelet-dir")["hostPath"]["path"]), kubelet_dir, "{}", r.label);
+        assert_eq!(want_flag(csi_node, "--kubelet-dir"), kubelet_dir, "{}", r.label);
 
         // Run dir: volumed's FUSE mounts reach the host and csi-node.
         let run_v = mount(volumed, "run-dir");
         let run_n = mount(csi_node, "run-dir");
-        assert_eq!(
-            s(&run_v["mountPropagation"]),
-            "Bidirectional",
-            "{}",
-            r.label
-        );
-        assert_eq!(
-            s(&run_n["mountPropagation"]),
-            "HostToContainer",
-            "{}",
-            r.label
-        );
-        assert_eq!(
-            s(&volume(ds, "run-dir")["hostPath"]["path"]),
-            s(&r.value(&["node", "runDir"])),
-            "{}",
-            r.label
-        );
+        assert_eq!(s(&run_v["mountPropagation"]), "Bidirectional", "{}", r.label);
+        assert_eq!(s(&run_n["mountPropagation"]), "HostToContainer", "{}", r.label);
+        assert_eq!(s(&volume(ds, "run-dir")["hostPath"]["path"]), s(&r.value(&["node", "runDir"])), "{}", r.label);
         // csi-node reaches volumed's socket through that shared directory.
         let socket = want_flag(volumed, "--local-socket");
-        assert_eq!(
-            want_flag(csi_node, "--volumed-socket"),
-            socket,
-            "{}",
-            r.label
-        );
-        assert_eq!(
-            want_flag(volumed, "--run-dir"),
-            s(&run_v["mountPath"]),
-            "{}",
-            r.label
-        );
-        assert!(
-            socket.starts_with(&format!("{}/", s(&run_n["mountPath"]))),
-            "{}: {socket}",
-            r.label
-        );
+        assert_eq!(want_flag(csi_node, "--volumed-socket"), socket, "{}", r.label);
+        assert_eq!(want_flag(volumed, "--run-dir"), s(&run_v["mountPath"]), "{}", r.label);
+        assert!(socket.starts_with(&format!("{}/", s(&run_n["mountPath"]))), "{}: {socket}", r.label);
 
         // Devices.
         for c in [volumed, csi_node] {
@@ -585,45 +422,21 @@ fn node_pod_mounts_and_propagation() {
         assert_eq!(s(&volume(ds, "dev")["hostPath"]["path"]), "/dev");
         assert_eq!(s(&mount(volumed, "dev-fuse")["mountPath"]), "/dev/fuse");
         let fuse = &volume(ds, "dev-fuse")["hostPath"];
-        assert_eq!(
-            (s(&fuse["path"]), s(&fuse["type"])),
-            ("/dev/fuse", "CharDevice")
-        );
+        assert_eq!((s(&fuse["path"]), s(&fuse["type"])), ("/dev/fuse", "CharDevice"));
 
         // Data directory: configurable hostPath, where --data-dir points.
         let data = mount(volumed, "data");
-        assert_eq!(
-            want_flag(volumed, "--data-dir"),
-            s(&data["mountPath"]),
-            "{}",
-            r.label
-        );
-        assert_eq!(
-            s(&volume(ds, "data")["hostPath"]["path"]),
-            s(&r.value(&["node", "dataDir"])),
-            "{}",
-            r.label
-        );
+        assert_eq!(want_flag(volumed, "--data-dir"), s(&data["mountPath"]), "{}", r.label);
+        assert_eq!(s(&volume(ds, "data")["hostPath"]["path"]), s(&r.value(&["node", "dataDir"])), "{}", r.label);
 
         // Socket dir for kubelet and the registrar.
         let plugin_dir = format!("{kubelet_dir}/plugins/{}", r.driver());
+        assert_eq!(s(&volume(ds, "plugin-dir")["hostPath"]["path"]), plugin_dir, "{}", r.label);
         assert_eq!(
-            s(&volume(ds, "plugin-dir")["hostPath"]["path"]),
-            plugin_dir,
-            "{}",
-            r.label
-        );
-        assert_eq!(
-            want_flag(
-                container(ds, "node-driver-registrar"),
-                "--kubelet-registration-path"
-            ),
+            want_flag(container(ds, "node-driver-registrar"), "--kubelet-registration-path"),
             format!("{plugin_dir}/csi.sock")
         );
-        assert_eq!(
-            s(&volume(ds, "registration-dir")["hostPath"]["path"]),
-            format!("{kubelet_dir}/plugins_registry")
-        );
+        assert_eq!(s(&volume(ds, "registration-dir")["hostPath"]["path"]), format!("{kubelet_dir}/plugins_registry"));
         assert_eq!(want_flag(csi_node, "--endpoint"), "unix:///csi/csi.sock");
         assert_eq!(s(&mount(csi_node, "plugin-dir")["mountPath"]), "/csi");
         for name in ["node-driver-registrar", "liveness-probe"] {
@@ -641,21 +454,11 @@ fn volumed_gets_topology_labels_from_the_node_object() {
         let volumed = container(ds, "volumed");
         let init = container(ds, "node-labels");
         assert_eq!(strs(&init["command"]), vec!["volumed-node-labels"]);
-        let env: BTreeMap<String, Value> = seq(&init["env"])
-            .iter()
-            .map(|e| (s(&e["name"]).to_string(), e.clone()))
-            .collect();
-        assert_eq!(
-            s(&env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"]),
-            "spec.nodeName"
-        );
+        let env: BTreeMap<String, Value> =
+            seq(&init["env"]).iter().map(|e| (s(&e["name"]).to_string(), e.clone())).collect();
+        assert_eq!(s(&env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"]), "spec.nodeName");
         let labels_file = s(&env["LABELS_FILE"]["value"]).to_string();
-        assert_eq!(
-            want_flag(volumed, "--labels-file"),
-            labels_file,
-            "{}",
-            r.label
-        );
+        assert_eq!(want_flag(volumed, "--labels-file"), labels_file, "{}", r.label);
         // Both see the file through the same pod-private volume.
         let m_init = mount(init, "node-labels");
         let m_vol = mount(volumed, "node-labels");
@@ -663,12 +466,7 @@ fn volumed_gets_topology_labels_from_the_node_object() {
         assert!(labels_file.starts_with(&format!("{}/", s(&m_vol["mountPath"]))));
         assert!(!volume(ds, "node-labels")["emptyDir"].is_null());
         let map = s(&env["LABEL_MAP"]["value"]).to_string();
-        assert!(
-            map.split(',')
-                .any(|p| p == "zone=topology.kubernetes.io/zone"),
-            "{}: LABEL_MAP {map}",
-            r.label
-        );
+        assert!(map.split(',').any(|p| p == "zone=topology.kubernetes.io/zone"), "{}: LABEL_MAP {map}", r.label);
         // The node's ServiceAccount may read Nodes (and nothing else).
         let sa = s(&pod_spec(ds)["serviceAccountName"]).to_string();
         let perms = effective_permissions(r, &sa);
@@ -700,30 +498,17 @@ fn catalog_bootstrap_join_and_leave_need_no_manual_steps() {
             .of_kind("Service")
             .into_iter()
             .find(|svc| {
-                s(&svc["spec"]["clusterIP"]) == "None"
-                    && join.starts_with(&format!("{}.", s(&svc["metadata"]["name"])))
+                s(&svc["spec"]["clusterIP"]) == "None" && join.starts_with(&format!("{}.", s(&svc["metadata"]["name"])))
             })
-            .unwrap_or_else(|| {
-                panic!(
-                    "{}: --join {join} does not name a headless Service",
-                    r.label
-                )
-            });
+            .unwrap_or_else(|| panic!("{}: --join {join} does not name a headless Service", r.label));
         assert_eq!(peers["spec"]["publishNotReadyAddresses"], Value::Bool(true));
         assert_eq!(
             join,
-            format!(
-                "{}.{NAMESPACE}.svc.{}:{api_port}",
-                s(&peers["metadata"]["name"]),
-                s(&r.value(&["clusterDomain"]))
-            )
+            format!("{}.{NAMESPACE}.svc.{}:{api_port}", s(&peers["metadata"]["name"]), s(&r.value(&["clusterDomain"])))
         );
         assert_selects_node_pods(r, peers);
         assert_eq!(port_of(&want_flag(volumed, "--listen")) as i64, api_port);
-        assert_eq!(
-            want_flag(volumed, "--advertise"),
-            format!("$(POD_IP):{api_port}")
-        );
+        assert_eq!(want_flag(volumed, "--advertise"), format!("$(POD_IP):{api_port}"));
         assert_eq!(container_env(volumed)["POD_IP"], FAKE_POD_IP);
         // Leaving: the node GC CronJob runs volctl against the API Service
         // and may list Nodes, nothing more.
@@ -733,10 +518,7 @@ fn catalog_bootstrap_join_and_leave_need_no_manual_steps() {
         let env = container_env(c);
         assert_eq!(env["VOLUMED_ENDPOINT"], api_endpoint(r));
         let sa = s(&pod_spec(gc)["serviceAccountName"]).to_string();
-        assert_eq!(
-            effective_permissions(r, &sa),
-            perm_set(&[("", "nodes", &["list"])])
-        );
+        assert_eq!(effective_permissions(r, &sa), perm_set(&[("", "nodes", &["list"])]));
     }
 }
 
@@ -759,13 +541,7 @@ fn assert_selects_node_pods(r: &Render, svc: &Value) {
     let selector = svc["spec"]["selector"].as_mapping().expect("selector");
     assert!(!selector.is_empty());
     for (k, v) in selector {
-        assert_eq!(
-            &pod_labels[k.as_str().unwrap()],
-            v,
-            "{}: {} selector",
-            r.label,
-            s(&svc["metadata"]["name"])
-        );
+        assert_eq!(&pod_labels[k.as_str().unwrap()], v, "{}: {} selector", r.label, s(&svc["metadata"]["name"]));
     }
 }
 
@@ -773,105 +549,54 @@ fn assert_selects_node_pods(r: &Render, svc: &Value) {
 fn controller_deployment_runs_csi_controller_and_the_standard_sidecars() {
     for r in renders() {
         let dep = r.deployment();
-        assert_eq!(
-            yaml_int(&dep["spec"]["replicas"]),
-            yaml_int(&r.value(&["controller", "replicas"])),
-            "{}",
-            r.label
-        );
-        assert!(
-            yaml_int(&dep["spec"]["replicas"]) >= 2,
-            "{}: controller needs a standby",
-            r.label
-        );
+        assert_eq!(yaml_int(&dep["spec"]["replicas"]), yaml_int(&r.value(&["controller", "replicas"])), "{}", r.label);
+        assert!(yaml_int(&dep["spec"]["replicas"]) >= 2, "{}: controller needs a standby", r.label);
         let c = container(dep, "csi-controller");
         assert_eq!(strs(&c["command"]), vec!["csi-controller"]);
         assert_eq!(want_flag(c, "--endpoint"), "unix:///csi/csi.sock");
         assert_eq!(want_flag(c, "--volumed"), api_endpoint(r), "{}", r.label);
-        let api = r
-            .of_kind("Service")
-            .into_iter()
-            .find(|svc| s(&svc["metadata"]["name"]).ends_with("-api"))
-            .unwrap();
+        let api = r.of_kind("Service").into_iter().find(|svc| s(&svc["metadata"]["name"]).ends_with("-api")).unwrap();
         assert_selects_node_pods(r, api);
 
-        let sidecars = [
-            "csi-provisioner",
-            "csi-attacher",
-            "csi-snapshotter",
-            "csi-resizer",
-        ];
+        let sidecars = ["csi-provisioner", "csi-attacher", "csi-snapshotter", "csi-resizer"];
         for name in sidecars {
             let sc = container(dep, name);
             assert_eq!(want_flag(sc, "--csi-address"), "/csi/csi.sock", "{name}");
             assert_eq!(s(&mount(sc, "socket-dir")["mountPath"]), "/csi", "{name}");
-            assert!(
-                has_flag(sc, "--leader-election"),
-                "{}: {name} without leader election",
-                r.label
-            );
+            assert!(has_flag(sc, "--leader-election"), "{}: {name} without leader election", r.label);
             assert_eq!(want_flag(sc, "--leader-election-namespace"), "$(NAMESPACE)");
             assert_eq!(container_env(sc)["NAMESPACE"], NAMESPACE);
         }
         let prov = container(dep, "csi-provisioner");
         assert!(has_flag(prov, "--extra-create-metadata"), "{}", r.label);
         let gates = want_flag(prov, "--feature-gates");
-        assert!(
-            gates.split(',').any(|g| g == "Topology=true"),
-            "{}: {gates}",
-            r.label
-        );
+        assert!(gates.split(',').any(|g| g == "Topology=true"), "{}: {gates}", r.label);
         // The livenessprobe sidecar serves csi-controller's liveness check.
         let lp = container(dep, "liveness-probe");
         let lp_port = port_of(&want_flag(lp, "--http-endpoint"));
         let probe_port = &c["livenessProbe"]["httpGet"]["port"];
-        let named = seq(&c["ports"])
-            .iter()
-            .find(|p| &p["name"] == probe_port)
-            .expect("named probe port");
-        assert_eq!(
-            yaml_int(&named["containerPort"]) as u16,
-            lp_port,
-            "{}",
-            r.label
-        );
+        let named = seq(&c["ports"]).iter().find(|p| &p["name"] == probe_port).expect("named probe port");
+        assert_eq!(yaml_int(&named["containerPort"]) as u16, lp_port, "{}", r.label);
         // Same for csi-node.
         let ds = r.daemonset();
-        let node_lp = port_of(&want_flag(
-            container(ds, "liveness-probe"),
-            "--http-endpoint",
-        ));
+        let node_lp = port_of(&want_flag(container(ds, "liveness-probe"), "--http-endpoint"));
         let cn = container(ds, "csi-node");
         let named = seq(&cn["ports"])
             .iter()
             .find(|p| p["name"] == cn["livenessProbe"]["httpGet"]["port"])
             .expect("named probe port");
-        assert_eq!(
-            yaml_int(&named["containerPort"]) as u16,
-            node_lp,
-            "{}",
-            r.label
-        );
+        assert_eq!(yaml_int(&named["containerPort"]) as u16, node_lp, "{}", r.label);
         // volumed answers grpc.health.v1 on its API port.
         let v = container(ds, "volumed");
         let api_port = port_of(&want_flag(v, "--listen")) as i64;
         for probe in ["startupProbe", "livenessProbe", "readinessProbe"] {
-            assert_eq!(
-                yaml_int(&v[probe]["grpc"]["port"]),
-                api_port,
-                "{}: volumed {probe}",
-                r.label
-            );
+            assert_eq!(yaml_int(&v[probe]["grpc"]["port"]), api_port, "{}: volumed {probe}", r.label);
         }
 
         // PDB keeps one controller through drains.
         let pdb = r.one("PodDisruptionBudget");
         let min = yaml_int(&pdb["spec"]["minAvailable"]);
-        assert!(
-            min >= 1 && min < yaml_int(&dep["spec"]["replicas"]),
-            "{}: minAvailable {min}",
-            r.label
-        );
+        assert!(min >= 1 && min < yaml_int(&dep["spec"]["replicas"]), "{}: minAvailable {min}", r.label);
         let pod_labels = &dep["spec"]["template"]["metadata"]["labels"];
         for (k, val) in pdb["spec"]["selector"]["matchLabels"].as_mapping().unwrap() {
             assert_eq!(&pod_labels[k.as_str().unwrap()], val);
@@ -885,10 +610,7 @@ fn every_container_has_resources_and_every_long_running_one_a_probe() {
         for kind in ["Deployment", "DaemonSet", "CronJob"] {
             for w in r.of_kind(kind) {
                 let spec = pod_spec(w);
-                for c in seq(&spec["containers"])
-                    .iter()
-                    .chain(seq(&spec["initContainers"]))
-                {
+                for c in seq(&spec["containers"]).iter().chain(seq(&spec["initContainers"])) {
                     let name = s(&c["name"]);
                     let res = &c["resources"];
                     assert!(
@@ -896,20 +618,10 @@ fn every_container_has_resources_and_every_long_running_one_a_probe() {
                         "{}: {kind}/{name} has no requests",
                         r.label
                     );
-                    assert!(
-                        !res["limits"]["memory"].is_null(),
-                        "{}: {kind}/{name} has no memory limit",
-                        r.label
-                    );
-                    let init = seq(&spec["initContainers"])
-                        .iter()
-                        .any(|i| s(&i["name"]) == name);
+                    assert!(!res["limits"]["memory"].is_null(), "{}: {kind}/{name} has no memory limit", r.label);
+                    let init = seq(&spec["initContainers"]).iter().any(|i| s(&i["name"]) == name);
                     if kind != "CronJob" && !init && name != "liveness-probe" {
-                        assert!(
-                            !c["livenessProbe"].is_null(),
-                            "{}: {kind}/{name} has no liveness probe",
-                            r.label
-                        );
+                        assert!(!c["livenessProbe"].is_null(), "{}: {kind}/{name} has no liveness probe", r.label);
                     }
                 }
             }
@@ -924,11 +636,7 @@ type Perm = (String, String, String); // (apiGroup, resource, verb)
 fn perm_set(rules: &[(&str, &str, &[&str])]) -> BTreeSet<Perm> {
     rules
         .iter()
-        .flat_map(|(g, res, verbs)| {
-            verbs
-                .iter()
-                .map(move |v| (g.to_string(), res.to_string(), v.to_string()))
-        })
+        .flat_map(|(g, res, verbs)| verbs.iter().map(move |v| (g.to_string(), res.to_string(), v.to_string())))
         .collect()
 }
 
@@ -938,11 +646,7 @@ fn rules_of(role: &Value) -> BTreeSet<Perm> {
         for g in strs(&rule["apiGroups"]) {
             for res in strs(&rule["resources"]) {
                 for v in strs(&rule["verbs"]) {
-                    assert!(
-                        g != "*" && res != "*" && v != "*",
-                        "wildcard in {}",
-                        s(&role["metadata"]["name"])
-                    );
+                    assert!(g != "*" && res != "*" && v != "*", "wildcard in {}", s(&role["metadata"]["name"]));
                     out.insert((g.clone(), res.clone(), v));
                 }
             }
@@ -957,9 +661,7 @@ fn effective_permissions(r: &Render, sa: &str) -> BTreeSet<Perm> {
     for kind in ["ClusterRoleBinding", "RoleBinding"] {
         for b in r.of_kind(kind) {
             let bound = seq(&b["subjects"]).iter().any(|sub| {
-                s(&sub["kind"]) == "ServiceAccount"
-                    && s(&sub["name"]) == sa
-                    && s(&sub["namespace"]) == NAMESPACE
+                s(&sub["kind"]) == "ServiceAccount" && s(&sub["name"]) == sa && s(&sub["namespace"]) == NAMESPACE
             });
             if !bound {
                 continue;
@@ -973,74 +675,30 @@ fn effective_permissions(r: &Render, sa: &str) -> BTreeSet<Perm> {
 
 /// What each controller sidecar needs, from the sidecars' documented RBAC.
 fn sidecar_needs(sidecar: &str, vac: bool) -> BTreeSet<Perm> {
-    let events: (&str, &str, &[&str]) = (
-        "",
-        "events",
-        &["list", "watch", "create", "update", "patch"],
-    );
+    let events: (&str, &str, &[&str]) = ("", "events", &["list", "watch", "create", "update", "patch"]);
     let mut p = match sidecar {
         "csi-provisioner" => perm_set(&[
-            (
-                "",
-                "persistentvolumes",
-                &["get", "list", "watch", "create", "patch", "delete"],
-            ),
-            (
-                "",
-                "persistentvolumeclaims",
-                &["get", "list", "watch", "update"],
-            ),
-            (
-                "storage.k8s.io",
-                "storageclasses",
-                &["get", "list", "watch"],
-            ),
+            ("", "persistentvolumes", &["get", "list", "watch", "create", "patch", "delete"]),
+            ("", "persistentvolumeclaims", &["get", "list", "watch", "update"]),
+            ("storage.k8s.io", "storageclasses", &["get", "list", "watch"]),
             events,
-            (
-                "snapshot.storage.k8s.io",
-                "volumesnapshots",
-                &["get", "list"],
-            ),
-            (
-                "snapshot.storage.k8s.io",
-                "volumesnapshotcontents",
-                &["get", "list"],
-            ),
+            ("snapshot.storage.k8s.io", "volumesnapshots", &["get", "list"]),
+            ("snapshot.storage.k8s.io", "volumesnapshotcontents", &["get", "list"]),
             ("storage.k8s.io", "csinodes", &["get", "list", "watch"]),
             ("", "nodes", &["get", "list", "watch"]),
-            (
-                "storage.k8s.io",
-                "volumeattachments",
-                &["get", "list", "watch"],
-            ),
+            ("storage.k8s.io", "volumeattachments", &["get", "list", "watch"]),
         ]),
         "csi-attacher" => perm_set(&[
             ("", "persistentvolumes", &["get", "list", "watch", "patch"]),
             ("storage.k8s.io", "csinodes", &["get", "list", "watch"]),
-            (
-                "storage.k8s.io",
-                "volumeattachments",
-                &["get", "list", "watch", "patch"],
-            ),
+            ("storage.k8s.io", "volumeattachments", &["get", "list", "watch", "patch"]),
             ("storage.k8s.io", "volumeattachments/status", &["patch"]),
         ]),
         "csi-snapshotter" => perm_set(&[
             events,
-            (
-                "snapshot.storage.k8s.io",
-                "volumesnapshotclasses",
-                &["get", "list", "watch"],
-            ),
-            (
-                "snapshot.storage.k8s.io",
-                "volumesnapshotcontents",
-                &["get", "list", "watch", "update", "patch"],
-            ),
-            (
-                "snapshot.storage.k8s.io",
-                "volumesnapshotcontents/status",
-                &["update", "patch"],
-            ),
+            ("snapshot.storage.k8s.io", "volumesnapshotclasses", &["get", "list", "watch"]),
+            ("snapshot.storage.k8s.io", "volumesnapshotcontents", &["get", "list", "watch", "update", "patch"]),
+            ("snapshot.storage.k8s.io", "volumesnapshotcontents/status", &["update", "patch"]),
         ]),
         "csi-resizer" => perm_set(&[
             ("", "persistentvolumes", &["get", "list", "watch", "patch"]),
@@ -1052,19 +710,13 @@ fn sidecar_needs(sidecar: &str, vac: bool) -> BTreeSet<Perm> {
         other => panic!("unknown sidecar {other}"),
     };
     if vac && matches!(sidecar, "csi-provisioner" | "csi-resizer") {
-        p.extend(perm_set(&[(
-            "storage.k8s.io",
-            "volumeattributesclasses",
-            &["get", "list", "watch"],
-        )]));
+        p.extend(perm_set(&[("storage.k8s.io", "volumeattributesclasses", &["get", "list", "watch"])]));
     }
     // Leader election, namespaced.
     p.extend(perm_set(&[(
         "coordination.k8s.io",
         "leases",
-        &[
-            "get", "list", "watch", "create", "update", "patch", "delete",
-        ],
+        &["get", "list", "watch", "create", "update", "patch", "delete"],
     )]));
     p
 }
@@ -1077,27 +729,14 @@ fn controller_rbac_covers_every_sidecar_and_nothing_more() {
         let have = effective_permissions(r, &sa);
         let vac = r.value(&["volumeAttributesClass", "enabled"]) == Value::Bool(true);
         let mut needed = BTreeSet::new();
-        for sidecar in [
-            "csi-provisioner",
-            "csi-attacher",
-            "csi-snapshotter",
-            "csi-resizer",
-        ] {
+        for sidecar in ["csi-provisioner", "csi-attacher", "csi-snapshotter", "csi-resizer"] {
             let need = sidecar_needs(sidecar, vac);
             let missing: Vec<_> = need.difference(&have).collect();
-            assert!(
-                missing.is_empty(),
-                "{}: {sidecar} lacks {missing:?}",
-                r.label
-            );
+            assert!(missing.is_empty(), "{}: {sidecar} lacks {missing:?}", r.label);
             needed.extend(need);
         }
         let extra: Vec<_> = have.difference(&needed).collect();
-        assert!(
-            extra.is_empty(),
-            "{}: controller may do more than its sidecars need: {extra:?}",
-            r.label
-        );
+        assert!(extra.is_empty(), "{}: controller may do more than its sidecars need: {extra:?}", r.label);
         // Leases only in the release namespace.
         for crb in r.of_kind("ClusterRole") {
             assert!(
@@ -1108,11 +747,7 @@ fn controller_rbac_covers_every_sidecar_and_nothing_more() {
             );
         }
         // Nobody reads Secrets.
-        for role in r
-            .of_kind("ClusterRole")
-            .into_iter()
-            .chain(r.of_kind("Role"))
-        {
+        for role in r.of_kind("ClusterRole").into_iter().chain(r.of_kind("Role")) {
             assert!(!rules_of(role).iter().any(|(_, res, _)| res == "secrets"));
         }
     }
@@ -1148,16 +783,8 @@ fn storage_classes_and_snapshot_class() {
         for sc in r.of_kind("StorageClass") {
             for (k, v) in sc["parameters"].as_mapping().into_iter().flatten() {
                 let k = k.as_str().unwrap();
-                assert!(
-                    known.contains(&k) || k.starts_with("csi.storage.k8s.io/"),
-                    "{}: {k}",
-                    r.label
-                );
-                assert!(
-                    v.is_string(),
-                    "{}: parameter {k} must render as a string",
-                    r.label
-                );
+                assert!(known.contains(&k) || k.starts_with("csi.storage.k8s.io/"), "{}: {k}", r.label);
+                assert!(v.is_string(), "{}: parameter {k} must render as a string", r.label);
             }
         }
         let vsc = r.one("VolumeSnapshotClass");
@@ -1168,36 +795,21 @@ fn storage_classes_and_snapshot_class() {
     let defaults = |r: &Render| {
         r.of_kind("StorageClass")
             .into_iter()
-            .filter(|sc| {
-                s(&sc["metadata"]["annotations"]["storageclass.kubernetes.io/is-default-class"])
-                    == "true"
-            })
+            .filter(|sc| s(&sc["metadata"]["annotations"]["storageclass.kubernetes.io/is-default-class"]) == "true")
             .count()
     };
     assert_eq!(defaults(default), 0);
     assert_eq!(defaults(all_on), 1);
     let fast = all_on.named("StorageClass", "volumed-fast-xfs");
-    for key in [
-        "zoneSpread",
-        "qos.readIOPS",
-        "qos.writeIOPS",
-        "qos.readBps",
-        "qos.writeBps",
-    ] {
-        assert!(
-            !fast["parameters"][key].is_null(),
-            "all-on values must exercise {key}"
-        );
+    for key in ["zoneSpread", "qos.readIOPS", "qos.writeIOPS", "qos.readBps", "qos.writeBps"] {
+        assert!(!fast["parameters"][key].is_null(), "all-on values must exercise {key}");
     }
 }
 
 #[test]
 fn service_monitor_scrapes_volumed_metrics() {
     let [default, all_on] = renders();
-    assert!(
-        default.of_kind("ServiceMonitor").is_empty(),
-        "ServiceMonitor must be opt-in"
-    );
+    assert!(default.of_kind("ServiceMonitor").is_empty(), "ServiceMonitor must be opt-in");
     let sm = all_on.one("ServiceMonitor");
     let svc = all_on
         .of_kind("Service")
@@ -1212,69 +824,29 @@ fn service_monitor_scrapes_volumed_metrics() {
         .expect("ServiceMonitor selects no Service");
     assert_selects_node_pods(all_on, svc);
     let port_name = s(&sm["spec"]["endpoints"][0]["port"]);
-    let port = seq(&svc["spec"]["ports"])
-        .iter()
-        .find(|p| s(&p["name"]) == port_name)
-        .expect("metrics port");
+    let port = seq(&svc["spec"]["ports"]).iter().find(|p| s(&p["name"]) == port_name).expect("metrics port");
     let volumed = container(all_on.daemonset(), "volumed");
-    assert_eq!(
-        port_of(&want_flag(volumed, "--metrics-listen")) as i64,
-        yaml_int(&port["port"])
-    );
+    assert_eq!(port_of(&want_flag(volumed, "--metrics-listen")) as i64, yaml_int(&port["port"]));
 }
 
 #[test]
 fn bad_values_are_rejected_with_a_clear_message() {
     let cases: &[(&[&str], &str)] = &[
-        (
-            &[
-                "--set",
-                "storageClasses.volumed-single.parameters.colour=red",
-            ],
-            "colour",
-        ),
-        (
-            &[
-                "--set",
-                "storageClasses.volumed-single.parameters.replicas=7",
-            ],
-            "replicas",
-        ),
+        (&["--set", "storageClasses.volumed-single.parameters.colour=red"], "colour"),
+        (&["--set", "storageClasses.volumed-single.parameters.replicas=7"], "replicas"),
         (&["--set", "cluster.catalogVoters=4"], "catalogVoters"),
         (&["--set", "node.frontend=nbd"], "frontend"),
-        (
-            &[
-                "--set",
-                "storageClasses.volumed-single.parameters.kind=object",
-            ],
-            "kind",
-        ),
+        (&["--set", "storageClasses.volumed-single.parameters.kind=object"], "kind"),
     ];
     for (extra, needle) in cases {
         let out = helm_template(&[], extra);
         assert!(!out.status.success(), "{extra:?} was accepted");
-        assert!(
-            text(&out.stderr).contains(needle),
-            "{extra:?}: message does not name {needle}: {}",
-            describe(&out)
-        );
+        assert!(text(&out.stderr).contains(needle), "{extra:?}: message does not name {needle}: {}", describe(&out));
     }
     // The templates check too, for installs that skip the values schema.
     let template_cases: &[(&[&str], &str)] = &[
-        (
-            &[
-                "--set",
-                "storageClasses.volumed-single.parameters.colour=red",
-            ],
-            "unknown parameter \"colour\"",
-        ),
-        (
-            &[
-                "--set-string",
-                "storageClasses.volumed-single.parameters.replicas=0",
-            ],
-            "must be 1..5",
-        ),
+        (&["--set", "storageClasses.volumed-single.parameters.colour=red"], "unknown parameter \"colour\""),
+        (&["--set-string", "storageClasses.volumed-single.parameters.replicas=0"], "must be 1..5"),
         (&["--set", "cluster.catalogVoters=4"], "must be 3 or 5"),
         (
             &[
@@ -1286,32 +858,17 @@ fn bad_values_are_rejected_with_a_clear_message() {
             "more than one StorageClass",
         ),
         (
-            &[
-                "--set",
-                "volumeAttributesClass.enabled=true",
-                "--set",
-                "volumeAttributesClass.classes.x.replicas=2",
-            ],
+            &["--set", "volumeAttributesClass.enabled=true", "--set", "volumeAttributesClass.classes.x.replicas=2"],
             "cannot be changed on an existing volume",
         ),
-        (
-            &["--set", "sidecars.snapshotter.enabled=false"],
-            "needs sidecars.snapshotter.enabled",
-        ),
+        (&["--set", "sidecars.snapshotter.enabled=false"], "needs sidecars.snapshotter.enabled"),
     ];
     for (extra, needle) in template_cases {
         let mut args: Vec<&str> = extra.to_vec();
         args.push("--skip-schema-validation");
         let out = helm_template(&[], &args);
-        assert!(
-            !out.status.success(),
-            "{extra:?} was accepted by the templates"
-        );
-        assert!(
-            text(&out.stderr).contains(needle),
-            "{extra:?}: {}",
-            describe(&out)
-        );
+        assert!(!out.status.success(), "{extra:?} was accepted by the templates");
+        assert!(text(&out.stderr).contains(needle), "{extra:?}: {}", describe(&out));
     }
 }
 
@@ -1358,45 +915,23 @@ fn dockerfile_is_multi_stage_with_the_runtime_tools() {
     assert!(froms[0].contains(" AS build"), "{froms:?}");
     let runtime_start = ins.iter().rposition(|i| i.starts_with("FROM ")).unwrap();
     let runtime = &ins[runtime_start..];
-    assert!(
-        runtime[0].contains("-slim"),
-        "runtime stage should be slim: {}",
-        runtime[0]
-    );
+    assert!(runtime[0].contains("-slim"), "runtime stage should be slim: {}", runtime[0]);
     let install = runtime
         .iter()
         .find(|i| i.starts_with("RUN ") && i.contains("apt-get install"))
         .expect("runtime stage installs packages");
     let words: BTreeSet<&str> = install.split_whitespace().collect();
-    for pkg in [
-        "e2fsprogs",
-        "xfsprogs",
-        "util-linux",
-        "mount",
-        "fuse3",
-        "curl",
-        "jq",
-        "ca-certificates",
-    ] {
+    for pkg in ["e2fsprogs", "xfsprogs", "util-linux", "mount", "fuse3", "curl", "jq", "ca-certificates"] {
         assert!(words.contains(pkg), "runtime image lacks {pkg}: {install}");
     }
-    assert!(
-        install.contains("--no-install-recommends")
-            && install.contains("rm -rf /var/lib/apt/lists")
-    );
+    assert!(install.contains("--no-install-recommends") && install.contains("rm -rf /var/lib/apt/lists"));
     // Everything the chart runs from our image is in it.
     let copied: BTreeSet<String> = runtime
         .iter()
         .filter(|i| i.starts_with("COPY "))
         .flat_map(|i| {
-            let parts: Vec<&str> = i
-                .split_whitespace()
-                .filter(|p| !p.starts_with("--"))
-                .collect();
-            parts[1..parts.len() - 1]
-                .iter()
-                .map(|p| p.rsplit('/').next().unwrap().to_string())
-                .collect::<Vec<_>>()
+            let parts: Vec<&str> = i.split_whitespace().filter(|p| !p.starts_with("--")).collect();
+            parts[1..parts.len() - 1].iter().map(|p| p.rsplit('/').next().unwrap().to_string()).collect::<Vec<_>>()
         })
         .collect();
     for r in renders() {
@@ -1404,20 +939,12 @@ fn dockerfile_is_multi_stage_with_the_runtime_tools() {
         for kind in ["Deployment", "DaemonSet", "CronJob"] {
             for w in r.of_kind(kind) {
                 let spec = pod_spec(w);
-                for c in seq(&spec["containers"])
-                    .iter()
-                    .chain(seq(&spec["initContainers"]))
-                {
+                for c in seq(&spec["containers"]).iter().chain(seq(&spec["initContainers"])) {
                     if !s(&c["image"]).starts_with(&repo) {
                         continue;
                     }
                     let cmd = strs(&c["command"]);
-                    assert!(
-                        !cmd.is_empty(),
-                        "{}: {} runs our image without a command",
-                        r.label,
-                        s(&c["name"])
-                    );
+                    assert!(!cmd.is_empty(), "{}: {} runs our image without a command", r.label, s(&c["name"]));
                     assert!(
                         copied.contains(&cmd[0]),
                         "{}: {} runs {}, not in the image {copied:?}",
@@ -1433,36 +960,21 @@ fn dockerfile_is_multi_stage_with_the_runtime_tools() {
         assert!(copied.contains(script));
         let meta = std::fs::metadata(repo_root().join("deploy/scripts").join(script)).unwrap();
         use std::os::unix::fs::PermissionsExt;
-        assert!(
-            meta.permissions().mode() & 0o111 != 0,
-            "{script} is not executable"
-        );
+        assert!(meta.permissions().mode() & 0o111 != 0, "{script} is not executable");
     }
 }
 
 #[test]
 fn dockerfile_copies_the_binaries_the_workspace_builds() {
     let ins = dockerfile_instructions();
-    let build = ins
-        .iter()
-        .find(|i| i.contains("cargo build"))
-        .expect("Dockerfile builds with cargo");
+    let build = ins.iter().find(|i| i.contains("cargo build")).expect("Dockerfile builds with cargo");
     let bins = built_binaries();
     for pkg in ["volumed", "volctl", "volumed-csi-controller", "volumed-csi-node"] {
-        assert!(
-            build.split_whitespace().any(|w| w == pkg),
-            "Dockerfile does not build -p {pkg}: {build}"
-        );
+        assert!(build.split_whitespace().any(|w| w == pkg), "Dockerfile does not build -p {pkg}: {build}");
     }
     for bin in ["volumed", "volctl", "csi-controller", "csi-node"] {
-        assert!(
-            bins.contains_key(bin),
-            "the workspace does not build {bin}: {bins:?}"
-        );
-        assert!(
-            build.contains(&format!("target/release/{bin}")),
-            "Dockerfile does not copy {bin} out of the build"
-        );
+        assert!(bins.contains_key(bin), "the workspace does not build {bin}: {bins:?}");
+        assert!(build.contains(&format!("target/release/{bin}")), "Dockerfile does not copy {bin} out of the build");
         let copy = ins
             .iter()
             .find(|i| i.starts_with("COPY --from=build") && i.contains(&format!("/{bin} ")))
@@ -1473,9 +985,7 @@ fn dockerfile_copies_the_binaries_the_workspace_builds() {
 
 #[test]
 fn chart_app_version_is_the_workspace_version() {
-    let chart: Value =
-        serde_yaml::from_str(&std::fs::read_to_string(chart_dir().join("Chart.yaml")).unwrap())
-            .unwrap();
+    let chart: Value = serde_yaml::from_str(&std::fs::read_to_string(chart_dir().join("Chart.yaml")).unwrap()).unwrap();
     let cargo = std::fs::read_to_string(repo_root().join("Cargo.toml")).unwrap();
     let in_package = cargo
         .split("[workspace.package]")
@@ -1486,11 +996,7 @@ fn chart_app_version_is_the_workspace_version() {
         .expect("workspace version")
         .trim_matches('"')
         .to_string();
-    assert_eq!(
-        s(&chart["appVersion"]),
-        in_package,
-        "image tag default must be the binaries' version"
-    );
+    assert_eq!(s(&chart["appVersion"]), in_package, "image tag default must be the binaries' version");
 }
 
 // ---------------------------------------------------------------- scripts
@@ -1545,11 +1051,7 @@ impl FakeApi {
                         auth2.lock().unwrap().push(v.trim().to_string());
                     }
                 }
-                let path = request_line
-                    .split_whitespace()
-                    .nth(1)
-                    .unwrap_or("")
-                    .to_string();
+                let path = request_line.split_whitespace().nth(1).unwrap_or("").to_string();
                 let (status, body) = routes
                     .iter()
                     .find(|(p, _, _)| *p == path)
@@ -1562,13 +1064,7 @@ impl FakeApi {
                 conn.write_all(resp.as_bytes()).ok();
             }
         });
-        FakeApi {
-            url: format!("http://{addr}"),
-            auth,
-            stop,
-            thread: Some(thread),
-            addr,
-        }
+        FakeApi { url: format!("http://{addr}"), auth, stop, thread: Some(thread), addr }
     }
 }
 
@@ -1645,19 +1141,9 @@ fn node_labels_script_copies_the_node_labels_volumed_needs() {
         .env("KUBERNETES_API", &api.url)
         .env("SERVICEACCOUNT_DIR", &sa));
     assert!(out.status.success(), "{}", describe(&out));
-    assert_eq!(
-        std::fs::read_to_string(&labels).unwrap(),
-        "zone=zone-b\nregion=eu-1\n"
-    );
-    assert!(
-        text(&out.stderr).contains("no label example.com/rack"),
-        "{}",
-        describe(&out)
-    );
-    assert_eq!(
-        api.auth.lock().unwrap().as_slice(),
-        ["Bearer test-token-123"]
-    );
+    assert_eq!(std::fs::read_to_string(&labels).unwrap(), "zone=zone-b\nregion=eu-1\n");
+    assert!(text(&out.stderr).contains("no label example.com/rack"), "{}", describe(&out));
+    assert_eq!(api.auth.lock().unwrap().as_slice(), ["Bearer test-token-123"]);
 
     // Forbidden (RBAC missing) is an error naming the cause; no file is left.
     let api403 = FakeApi::start(vec![("/api/v1/nodes/node-a".into(), 403, "{}".into())]);
@@ -1669,11 +1155,7 @@ fn node_labels_script_copies_the_node_labels_volumed_needs() {
         .env("KUBERNETES_API", &api403.url)
         .env("SERVICEACCOUNT_DIR", &sa));
     assert!(!out.status.success());
-    assert!(
-        text(&out.stderr).contains("get nodes"),
-        "{}",
-        describe(&out)
-    );
+    assert!(text(&out.stderr).contains("get nodes"), "{}", describe(&out));
     assert!(!labels2.exists());
 
     // A malformed map is refused.
@@ -1684,31 +1166,19 @@ fn node_labels_script_copies_the_node_labels_volumed_needs() {
         .env("KUBERNETES_API", &api.url)
         .env("SERVICEACCOUNT_DIR", &sa));
     assert!(!out.status.success());
-    assert!(
-        text(&out.stderr).contains("bad LABEL_MAP entry 'zone'"),
-        "{}",
-        describe(&out)
-    );
+    assert!(text(&out.stderr).contains("bad LABEL_MAP entry 'zone'"), "{}", describe(&out));
 }
 
 #[test]
 fn node_gc_script_refuses_to_act_on_an_empty_or_unreadable_node_list() {
     let sa = service_account_dir();
-    let empty = FakeApi::start(vec![(
-        "/api/v1/nodes".into(),
-        200,
-        r#"{"kind":"NodeList","items":[]}"#.into(),
-    )]);
+    let empty = FakeApi::start(vec![("/api/v1/nodes".into(), 200, r#"{"kind":"NodeList","items":[]}"#.into())]);
     let out = run(script("volumed-node-gc")
         .env("VOLUMED_ENDPOINT", "http://127.0.0.1:1")
         .env("KUBERNETES_API", &empty.url)
         .env("SERVICEACCOUNT_DIR", &sa));
     assert!(!out.status.success());
-    assert!(
-        text(&out.stderr).contains("refusing to remove anything"),
-        "{}",
-        describe(&out)
-    );
+    assert!(text(&out.stderr).contains("refusing to remove anything"), "{}", describe(&out));
 
     let denied = FakeApi::start(vec![("/api/v1/nodes".into(), 403, "{}".into())]);
     let out = run(script("volumed-node-gc")
@@ -1716,11 +1186,7 @@ fn node_gc_script_refuses_to_act_on_an_empty_or_unreadable_node_list() {
         .env("KUBERNETES_API", &denied.url)
         .env("SERVICEACCOUNT_DIR", &sa));
     assert!(!out.status.success());
-    assert!(
-        text(&out.stderr).contains("list nodes"),
-        "{}",
-        describe(&out)
-    );
+    assert!(text(&out.stderr).contains("list nodes"), "{}", describe(&out));
 
     let out = run(script("volumed-node-gc")
         .env("VOLUMED_ENDPOINT", "http://127.0.0.1:1")
@@ -1728,11 +1194,7 @@ fn node_gc_script_refuses_to_act_on_an_empty_or_unreadable_node_list() {
         .env("KUBERNETES_API", &denied.url)
         .env("SERVICEACCOUNT_DIR", &sa));
     assert!(!out.status.success());
-    assert!(
-        text(&out.stderr).contains("MAX_REMOVALS must be a number"),
-        "{}",
-        describe(&out)
-    );
+    assert!(text(&out.stderr).contains("MAX_REMOVALS must be a number"), "{}", describe(&out));
 }
 
 // ---------------------------------------------------------------- binaries
@@ -1774,10 +1236,7 @@ fn built_binaries() -> &'static BTreeMap<String, PathBuf> {
             };
             if msg["reason"] == "compiler-artifact" {
                 if let Some(exe) = msg["executable"].as_str() {
-                    let name = msg["target"]["name"]
-                        .as_str()
-                        .unwrap_or_default()
-                        .to_string();
+                    let name = msg["target"]["name"].as_str().unwrap_or_default().to_string();
                     bins.insert(name, PathBuf::from(exe));
                 }
             }
@@ -1845,10 +1304,7 @@ fn run_binary(bin: &Path, args: &[String], env: &BTreeMap<String, String>) -> Ou
     let mut cmd = Command::new(bin);
     cmd.args(args)
         .env_clear()
-        .env(
-            "PATH",
-            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-        )
+        .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
         .envs(env)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -1862,32 +1318,15 @@ fn run_binary(bin: &Path, args: &[String], env: &BTreeMap<String, String>) -> Ou
         if Instant::now() > deadline {
             child.kill().ok();
             let out = child.wait_with_output().unwrap();
-            panic!(
-                "{bin:?} {args:?} did not exit within 60s (not in check mode?): {}",
-                describe(&out)
-            );
+            panic!("{bin:?} {args:?} did not exit within 60s (not in check mode?): {}", describe(&out));
         }
         std::thread::sleep(Duration::from_millis(50));
     }
     let mut stdout = Vec::new();
     let mut stderr = Vec::new();
-    child
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_end(&mut stdout)
-        .unwrap();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_end(&mut stderr)
-        .unwrap();
-    Output {
-        status: child.wait().unwrap(),
-        stdout,
-        stderr,
-    }
+    child.stdout.take().unwrap().read_to_end(&mut stdout).unwrap();
+    child.stderr.take().unwrap().read_to_end(&mut stderr).unwrap();
+    Output { status: child.wait().unwrap(), stdout, stderr }
 }
 
 /// Every string in a JSON document.
@@ -1924,12 +1363,7 @@ fn chart_invocations(r: &Render, bins: &BTreeMap<String, PathBuf>) -> Vec<Invoca
                 let env = container_env(c);
                 let mut args: Vec<String> = args(c).iter().map(|a| expand(a, &env)).collect();
                 for a in &args {
-                    assert!(
-                        !a.contains("$("),
-                        "{}: {} arg {a} references an undefined variable",
-                        r.label,
-                        cmd[0]
-                    );
+                    assert!(!a.contains("$("), "{}: {} arg {a} references an undefined variable", r.label, cmd[0]);
                 }
                 let mut scratch = Vec::new();
                 for m in seq(&c["volumeMounts"]) {
@@ -1941,19 +1375,11 @@ fn chart_invocations(r: &Render, bins: &BTreeMap<String, PathBuf>) -> Vec<Invoca
                     let mount_path = s(&m["mountPath"]).to_string();
                     for init in seq(&spec["initContainers"]) {
                         let ienv = container_env(init);
-                        if let (Some(file), Some(map)) =
-                            (ienv.get("LABELS_FILE"), ienv.get("LABEL_MAP"))
-                        {
+                        if let (Some(file), Some(map)) = (ienv.get("LABELS_FILE"), ienv.get("LABEL_MAP")) {
                             if let Some(rel) = file.strip_prefix(&format!("{mount_path}/")) {
                                 let body: String = map
                                     .split(',')
-                                    .map(|p| {
-                                        format!(
-                                            "{}=test-{}\n",
-                                            p.split('=').next().unwrap(),
-                                            FAKE_NODE
-                                        )
-                                    })
+                                    .map(|p| format!("{}=test-{}\n", p.split('=').next().unwrap(), FAKE_NODE))
                                     .collect();
                                 std::fs::write(dir.join(rel), body).unwrap();
                             }
@@ -1965,12 +1391,7 @@ fn chart_invocations(r: &Render, bins: &BTreeMap<String, PathBuf>) -> Vec<Invoca
                     scratch.push(dir);
                 }
                 out.push(Invocation {
-                    label: format!(
-                        "{} {}/{}",
-                        r.label,
-                        s(&w["metadata"]["name"]),
-                        s(&c["name"])
-                    ),
+                    label: format!("{} {}/{}", r.label, s(&w["metadata"]["name"]), s(&c["name"])),
                     bin: bin.clone(),
                     args,
                     env,
@@ -1984,11 +1405,8 @@ fn chart_invocations(r: &Render, bins: &BTreeMap<String, PathBuf>) -> Vec<Invoca
 
 #[test]
 fn kubernetes_variable_expansion() {
-    let env: BTreeMap<String, String> = [
-        ("A".to_string(), "1".to_string()),
-        ("POD_IP".to_string(), "10.0.0.1".to_string()),
-    ]
-    .into();
+    let env: BTreeMap<String, String> =
+        [("A".to_string(), "1".to_string()), ("POD_IP".to_string(), "10.0.0.1".to_string())].into();
     assert_eq!(expand("$(POD_IP):7400", &env), "10.0.0.1:7400");
     assert_eq!(expand("x$(A)y$(A)", &env), "x1y1");
     assert_eq!(expand("$$(A)", &env), "$(A)");
@@ -2007,30 +1425,12 @@ fn chart_invocations_resolve_every_variable_and_pod_private_path() {
         .collect();
     for r in renders() {
         let invs = chart_invocations(r, &bins);
-        let volumed = invs
-            .iter()
-            .find(|i| i.bin.ends_with("volumed"))
-            .expect("volumed invocation");
-        assert!(
-            volumed.args.contains(&format!("--node-name={FAKE_NODE}")),
-            "{:?}",
-            volumed.args
-        );
-        let labels = volumed
-            .args
-            .iter()
-            .find_map(|a| a.strip_prefix("--labels-file="))
-            .expect("--labels-file");
-        let body = std::fs::read_to_string(labels)
-            .expect("labels file written where the init container would");
+        let volumed = invs.iter().find(|i| i.bin.ends_with("volumed")).expect("volumed invocation");
+        assert!(volumed.args.contains(&format!("--node-name={FAKE_NODE}")), "{:?}", volumed.args);
+        let labels = volumed.args.iter().find_map(|a| a.strip_prefix("--labels-file=")).expect("--labels-file");
+        let body = std::fs::read_to_string(labels).expect("labels file written where the init container would");
         assert!(body.lines().any(|l| l.starts_with("zone=")), "{body}");
-        assert_eq!(
-            invs.len(),
-            3,
-            "{}: {:?}",
-            r.label,
-            invs.iter().map(|i| &i.label).collect::<Vec<_>>()
-        );
+        assert_eq!(invs.len(), 3, "{}: {:?}", r.label, invs.iter().map(|i| &i.label).collect::<Vec<_>>());
     }
 }
 
@@ -2051,14 +1451,9 @@ fn binaries_accept_the_args_the_chart_passes() {
                 inv.label,
                 describe(&out)
             );
-            let config: serde_json::Value =
-                serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-                    panic!(
-                        "{}: --check-config did not print JSON ({e}): {}",
-                        inv.label,
-                        describe(&out)
-                    )
-                });
+            let config: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+                panic!("{}: --check-config did not print JSON ({e}): {}", inv.label, describe(&out))
+            });
             let mut values = Vec::new();
             json_strings(&config, &mut values);
             match name.as_str() {
@@ -2067,32 +1462,18 @@ fn binaries_accept_the_args_the_chart_passes() {
                     "{}: effective config does not carry the node name: {config}",
                     inv.label
                 ),
-                _ => assert!(
-                    values.contains(&driver),
-                    "{}: effective config lacks {driver}: {config}",
-                    inv.label
-                ),
+                _ => assert!(values.contains(&driver), "{}: effective config lacks {driver}: {config}", inv.label),
             }
 
             // The check is real: an unknown flag is refused with exit 2.
             let mut bad = args.clone();
             bad.insert(0, "--no-such-flag-volumed-test".into());
             let out = run_binary(&inv.bin, &bad, &inv.env);
-            assert_eq!(
-                out.status.code(),
-                Some(2),
-                "{}: an unknown flag was accepted: {}",
-                inv.label,
-                describe(&out)
-            );
+            assert_eq!(out.status.code(), Some(2), "{}: an unknown flag was accepted: {}", inv.label, describe(&out));
 
             // The binaries' default driver name is the chart's.
             if name.starts_with("csi-") {
-                let without: Vec<String> = args
-                    .iter()
-                    .filter(|a| !a.starts_with("--driver-name"))
-                    .cloned()
-                    .collect();
+                let without: Vec<String> = args.iter().filter(|a| !a.starts_with("--driver-name")).cloned().collect();
                 let out = run_binary(&inv.bin, &without, &inv.env);
                 assert!(out.status.success(), "{}: {}", inv.label, describe(&out));
                 let config: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -2106,10 +1487,7 @@ fn binaries_accept_the_args_the_chart_passes() {
             }
         }
     }
-    let want: BTreeSet<String> = ["volumed", "csi-controller", "csi-node"]
-        .iter()
-        .map(|x| x.to_string())
-        .collect();
+    let want: BTreeSet<String> = ["volumed", "csi-controller", "csi-node"].iter().map(|x| x.to_string()).collect();
     assert_eq!(seen, want, "the chart must run each binary at least once");
 }
 
@@ -2121,23 +1499,13 @@ fn volctl_accepts_the_invocations_of_the_scripts_and_docs() {
     // The exact command lines the node GC job runs.
     assert!(gc.contains("volctl --output json node list"));
     assert!(gc.contains("volctl node remove \"$node\""));
-    let env: BTreeMap<String, String> = [(
-        "VOLUMED_ENDPOINT".to_string(),
-        "http://127.0.0.1:1".to_string(),
-    )]
-    .into();
+    let env: BTreeMap<String, String> = [("VOLUMED_ENDPOINT".to_string(), "http://127.0.0.1:1".to_string())].into();
     // `--help` after the arguments: clap parses (and rejects) everything
     // before it, then prints help and exits 0 without contacting a server.
     for argv in [
         &["--output", "json", "node", "list", "--help"][..],
         &["node", "remove", "node-a", "--help"],
-        &[
-            "--endpoint",
-            "http://127.0.0.1:1",
-            "cluster",
-            "status",
-            "--help",
-        ],
+        &["--endpoint", "http://127.0.0.1:1", "cluster", "status", "--help"],
         &["volume", "list", "--help"],
         &["node", "list", "--help"],
     ] {
@@ -2153,10 +1521,11 @@ fn volctl_accepts_the_invocations_of_the_scripts_and_docs() {
 
 #[test]
 fn notes_tell_the_user_the_real_object_names() {
-    let out = run(command(tool("helm"))
-        .args(["install", RELEASE])
-        .arg(chart_dir())
-        .args(["--namespace", NAMESPACE, "--dry-run=client"]));
+    let out = run(command(tool("helm")).args(["install", RELEASE]).arg(chart_dir()).args([
+        "--namespace",
+        NAMESPACE,
+        "--dry-run=client",
+    ]));
     assert!(out.status.success(), "{}", describe(&out));
     let stdout = text(&out.stdout);
     let notes = stdout.split("NOTES:").nth(1).expect("NOTES rendered");
@@ -2179,34 +1548,18 @@ fn install_doc_matches_the_default_install() {
     let [default, _] = renders();
     assert!(doc.contains(&format!("helm install {RELEASE} deploy/helm/volumed")));
     assert!(doc.contains(&format!("--namespace {NAMESPACE}")));
-    assert!(doc.contains(&format!(
-        "daemonset/{}",
-        s(&default.daemonset()["metadata"]["name"])
-    )));
-    assert!(doc.contains(&format!(
-        "deployment/{}",
-        s(&default.deployment()["metadata"]["name"])
-    )));
+    assert!(doc.contains(&format!("daemonset/{}", s(&default.daemonset()["metadata"]["name"]))));
+    assert!(doc.contains(&format!("deployment/{}", s(&default.deployment()["metadata"]["name"]))));
     assert!(doc.contains(&api_endpoint(default)));
     assert!(doc.contains(&format!("kubectl get csidriver {}", default.driver())));
-    assert!(doc.contains(&format!(
-        "volumeSnapshotClassName: {}",
-        s(&default.one("VolumeSnapshotClass")["metadata"]["name"])
-    )));
+    assert!(doc
+        .contains(&format!("volumeSnapshotClassName: {}", s(&default.one("VolumeSnapshotClass")["metadata"]["name"]))));
     for sc in ["volumed-replicated", "volumed-shared", "volumed-single"] {
         default.named("StorageClass", sc);
         assert!(doc.contains(sc), "install.md does not mention {sc}");
     }
-    for section in [
-        "Build and push the image",
-        "A first volume and Pod",
-        "A snapshot and a restore",
-        "Uninstall",
-    ] {
-        assert!(
-            doc.contains(section),
-            "install.md lacks the section {section}"
-        );
+    for section in ["Build and push the image", "A first volume and Pod", "A snapshot and a restore", "Uninstall"] {
+        assert!(doc.contains(section), "install.md lacks the section {section}");
     }
 }
 
@@ -2224,10 +1577,7 @@ fn storageclass_doc_covers_every_parameter() {
         "qos.readBps",
         "qos.writeBps",
     ] {
-        assert!(
-            doc.contains(&format!("| `{key}` |")),
-            "docs/storageclass.md has no table row for {key}"
-        );
+        assert!(doc.contains(&format!("| `{key}` |")), "docs/storageclass.md has no table row for {key}");
     }
     let [default, _] = renders();
     for sc in default.of_kind("StorageClass") {

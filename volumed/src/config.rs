@@ -262,7 +262,8 @@ mod tests {
     use super::*;
 
     fn flags(extra: &[&str]) -> Flags {
-        let mut args = vec!["volumed", "--node-name", "n1", "--listen", "127.0.0.2:7400", "--nbd-listen", "127.0.0.2:10809"];
+        let mut args =
+            vec!["volumed", "--node-name", "n1", "--listen", "127.0.0.2:7400", "--nbd-listen", "127.0.0.2:10809"];
         args.extend_from_slice(extra);
         Flags::try_parse_from(args).unwrap()
     }

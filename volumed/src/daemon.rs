@@ -17,7 +17,7 @@ use crate::api::transport::TransportService;
 use crate::attach::AttachManager;
 use crate::cluster::exports::Exports;
 use crate::cluster::node::NodeRuntime;
-use crate::cluster::{bootstrap, heartbeat, replicas};
+use crate::cluster::{bootstrap, heartbeat, replicas, snapshots};
 use crate::config::NodeConfig;
 use crate::raft::network::MAX_PEER_MESSAGE;
 
@@ -66,9 +66,15 @@ pub async fn run(config: NodeConfig) -> Result<(), DaemonError> {
                     .max_decoding_message_size(MAX_PEER_MESSAGE)
                     .max_encoding_message_size(MAX_PEER_MESSAGE),
             )
-            .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(grpc_listener), async move {
-                let _ = stop.changed().await;
-            });
+            .serve_with_incoming_shutdown(
+                // The builder's tcp_nodelay applies only to listeners tonic
+                // binds itself; without it small Raft replies wait out
+                // Nagle + delayed ACK (a ~40 ms tail on every replicated write).
+                tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
+                async move {
+                    let _ = stop.changed().await;
+                },
+            );
         let grpc_task = tokio::spawn(async move {
             if let Err(e) = grpc.await {
                 error!(error = %e, "gRPC server failed");
@@ -87,12 +93,15 @@ pub async fn run(config: NodeConfig) -> Result<(), DaemonError> {
 
         // Devices of the last run are cleaned up before anyone can attach.
         let attachments = AttachManager::start(node.clone()).await;
+        let mounts = crate::file::mounts::MountManager::start(node.clone()).await;
+        let local_api = NodeLocalService::new(node.clone(), attachments.clone(), mounts.clone());
         let mut stop = node.shutdown.subscribe();
-        let local = Server::builder()
-            .add_service(NodeLocalServer::new(NodeLocalService::new(node.clone(), attachments.clone())))
-            .serve_with_incoming_shutdown(tokio_stream::wrappers::UnixListenerStream::new(local_listener), async move {
+        let local = Server::builder().add_service(NodeLocalServer::new(local_api)).serve_with_incoming_shutdown(
+            tokio_stream::wrappers::UnixListenerStream::new(local_listener),
+            async move {
                 let _ = stop.changed().await;
-            });
+            },
+        );
         let local_task = tokio::spawn(async move {
             if let Err(e) = local.await {
                 error!(error = %e, "node-local API server failed");
@@ -103,13 +112,19 @@ pub async fn run(config: NodeConfig) -> Result<(), DaemonError> {
         tokio::spawn(bootstrap::run(node.clone()).in_current_span());
         tokio::spawn(replicas::run(node.clone()).in_current_span());
         tokio::spawn(heartbeat::run(node.clone()).in_current_span());
+        tokio::spawn(snapshots::run(node.clone()).in_current_span());
         tokio::spawn(node.catalog.clone().run_reconciler(node.shutdown.subscribe()).in_current_span());
 
         tokio::select! {
             _ = sigterm.recv() => info!("SIGTERM: shutting down"),
             _ = sigint.recv() => info!("SIGINT: shutting down"),
         }
-        // Devices first: they may use this node's NBD server and replicas.
+        // Buffered writes of file mounts first, while the volumes' leaders
+        // (maybe this node) still answer.
+        if tokio::time::timeout(Duration::from_secs(15), mounts.shutdown()).await.is_err() {
+            error!("storing buffered writes of file mounts timed out");
+        }
+        // Devices next: they may use this node's NBD server and replicas.
         if tokio::time::timeout(Duration::from_secs(30), attachments.shutdown()).await.is_err() {
             error!("releasing attached devices timed out");
         }

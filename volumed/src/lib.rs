@@ -8,8 +8,11 @@
 //! - [`cluster`]: what one running node does (bootstrap, heartbeats,
 //!   replica management, NBD exports);
 //! - [`attach`]: devices of volumes attached on this node;
-//! - [`api`]: the gRPC edges;
-//! - [`cli`]: `volctl`.
+//! - [`file`]: file volumes (RWX): the filesystem state machine and FUSE mounts;
+//! - [`persist`]: the small lists a node keeps beside its RocksDB;
+//! - [`api`]: the gRPC edges.
+//!
+//! The admin CLI, `volctl`, is its own crate (`volumed/volctl`).
 
 pub mod api;
 pub mod attach;
@@ -17,6 +20,8 @@ pub mod catalog;
 pub mod cluster;
 pub mod config;
 pub mod daemon;
+pub mod file;
+pub mod persist;
 pub mod raft;
 pub mod storage;
 pub mod volume;

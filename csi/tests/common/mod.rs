@@ -3,49 +3,87 @@
 //! unpublishes, unstages and deletes what a test created even when it
 //! fails.
 //!
-//! The suites need a running cluster: set `VOLUMED_CLUSTER_STATE` to the
-//! state directory `volctl dev up` wrote (`cluster.json`), then
-//! `cargo test -p volumed-csi --test <suite> -- --ignored --test-threads 1`.
-//! Node tests mount filesystems: run as root.
+//! Each test runs against a fresh `volctl dev up` cluster of its own (3
+//! volumed nodes, the controller plugin, a node plugin per node; torn down
+//! with `volctl dev down` when the test ends), one test at a time. Setting
+//! `VOLUMED_CLUSTER_STATE` to the state directory of a running cluster runs
+//! the suites against that one instead. Node tests mount filesystems: run
+//! as root. `cargo build --workspace --bins` first: the suites start the
+//! workspace's volctl, volumed and plugins.
 
 #![allow(dead_code)]
 
+mod dev;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 use volumed_csi::harness::{ClusterJson, ClusterUnderTest, NodeUnderTest, STATE_DIR_ENV};
 use volumed_csi::proto::controller_client::ControllerClient;
+use volumed_csi::proto::group_controller_client::GroupControllerClient;
 use volumed_csi::proto::identity_client::IdentityClient;
 use volumed_csi::proto::node_client::NodeClient;
 use volumed_csi::proto::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
 use volumed_csi::proto::{self as csi, VolumeCapability};
-use volumed_csi::serve;
+use volumed_csi::serve::{self, Endpoint};
 
 pub use volumed_csi::access::Mode;
 
 pub const MIB: i64 = 1 << 20;
 pub const GIB: i64 = 1 << 30;
 
-pub fn cluster() -> ClusterJson {
-    for v in [
-        "http_proxy",
-        "https_proxy",
-        "HTTP_PROXY",
-        "HTTPS_PROXY",
-        "all_proxy",
-        "ALL_PROXY",
-    ] {
+/// The cluster one test runs against.
+pub struct TestCluster {
+    pub json: ClusterJson,
+    /// Fields drop in order: the cluster goes down before the next test
+    /// may start one.
+    dev: Option<dev::DevCluster>,
+    _serial: MutexGuard<'static, ()>,
+}
+
+impl TestCluster {
+    /// The state directory (`cluster.json`, logs).
+    pub fn state_dir(&self) -> Option<PathBuf> {
+        self.dev
+            .as_ref()
+            .map(|d| d.state_dir().to_path_buf())
+            .or_else(|| std::env::var_os(STATE_DIR_ENV).map(PathBuf::from))
+    }
+}
+
+impl ClusterUnderTest for TestCluster {
+    fn controller_endpoint(&self) -> Endpoint {
+        self.json.controller_endpoint()
+    }
+    fn node_endpoints(&self) -> Vec<NodeUnderTest> {
+        self.json.node_endpoints()
+    }
+    fn volumed_api_endpoints(&self) -> Vec<String> {
+        self.json.volumed_api_endpoints()
+    }
+}
+
+/// `$VOLUMED_CLUSTER_STATE`'s cluster, else a fresh dev cluster. Tests of
+/// one binary take turns: a cluster is several processes with sub-second
+/// timers, and two side by side on a small machine measure the scheduler.
+pub fn cluster() -> TestCluster {
+    static SERIAL: Mutex<()> = Mutex::new(());
+    for v in ["http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"] {
         std::env::remove_var(v);
     }
+    let serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     match ClusterJson::from_env() {
-        Some(Ok(c)) => c,
+        Some(Ok(json)) => TestCluster { json, dev: None, _serial: serial },
         Some(Err(e)) => panic!("{STATE_DIR_ENV}: {e}"),
-        None => panic!(
-            "set {STATE_DIR_ENV} to the state directory of a running cluster (volctl dev up)"
-        ),
+        None => {
+            let dev = dev::DevCluster::start();
+            let json =
+                ClusterJson::load(dev.state_dir()).unwrap_or_else(|e| panic!("cluster.json of the dev cluster: {e}"));
+            TestCluster { json, dev: Some(dev), _serial: serial }
+        }
     }
 }
 
@@ -80,34 +118,39 @@ pub struct Csi {
     pub nodes: Vec<Node>,
     created: Arc<Mutex<Created>>,
     prefix: String,
+    /// For the cleanup in Drop, which needs channels of its own runtime.
+    controller_endpoint: Endpoint,
+    /// Last: torn down after Drop cleaned up.
+    pub cluster: TestCluster,
 }
 
 impl Csi {
-    pub fn connect(cluster: &dyn ClusterUnderTest) -> Csi {
+    pub fn connect(cluster: TestCluster) -> Csi {
         let ch = serve::channel(&cluster.controller_endpoint());
         let nodes = cluster
             .node_endpoints()
             .into_iter()
             .map(|n| {
                 let ch = serve::channel(&n.endpoint);
-                Node {
-                    info: n,
-                    node: NodeClient::new(ch.clone()),
-                    identity: IdentityClient::new(ch),
-                }
+                Node { info: n, node: NodeClient::new(ch.clone()), identity: IdentityClient::new(ch) }
             })
             .collect();
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
+        let nanos =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
         Csi {
             ctrl: ControllerClient::new(ch.clone()),
             identity: IdentityClient::new(ch),
             nodes,
             created: Arc::new(Mutex::new(Created::default())),
             prefix: format!("csi-suite-{nanos:x}"),
+            controller_endpoint: cluster.controller_endpoint(),
+            cluster,
         }
+    }
+
+    /// A GroupController client on the controller's socket.
+    pub fn group(&self) -> GroupControllerClient<Channel> {
+        GroupControllerClient::new(serve::channel(&self.controller_endpoint))
     }
 
     /// A volume name unique to this run.
@@ -122,29 +165,14 @@ impl Csi {
         params: &[(&str, &str)],
         caps: Vec<VolumeCapability>,
     ) -> Result<csi::Volume, Status> {
-        let r = self
-            .ctrl
-            .clone()
-            .create_volume(create_req(name, Some((size, 0)), params, caps))
-            .await?
-            .into_inner();
-        let v = r
-            .volume
-            .ok_or_else(|| Status::internal("CreateVolume returned no volume"))?;
-        self.created
-            .lock()
-            .unwrap()
-            .volumes
-            .push(v.volume_id.clone());
+        let r = self.ctrl.clone().create_volume(create_req(name, Some((size, 0)), params, caps)).await?.into_inner();
+        let v = r.volume.ok_or_else(|| Status::internal("CreateVolume returned no volume"))?;
+        self.created.lock().unwrap().volumes.push(v.volume_id.clone());
         Ok(v)
     }
 
     pub fn track(&self, volume_id: &str) {
-        self.created
-            .lock()
-            .unwrap()
-            .volumes
-            .push(volume_id.to_string());
+        self.created.lock().unwrap().volumes.push(volume_id.to_string());
     }
 
     pub async fn controller_publish(
@@ -166,11 +194,7 @@ impl Csi {
             })
             .await?
             .into_inner();
-        self.created
-            .lock()
-            .unwrap()
-            .attached
-            .push((volume_id.to_string(), self.nodes[node].info.node_id.clone()));
+        self.created.lock().unwrap().attached.push((volume_id.to_string(), self.nodes[node].info.node_id.clone()));
         Ok(r.publish_context)
     }
 
@@ -195,11 +219,7 @@ impl Csi {
         publish_context: HashMap<String, String>,
     ) -> Result<(), Status> {
         let n = &self.nodes[node];
-        self.created
-            .lock()
-            .unwrap()
-            .staged
-            .push((node, vol.volume_id.clone(), n.p(staging)));
+        self.created.lock().unwrap().staged.push((node, vol.volume_id.clone(), n.p(staging)));
         n.node
             .clone()
             .node_stage_volume(csi::NodeStageVolumeRequest {
@@ -238,11 +258,7 @@ impl Csi {
         publish_context: HashMap<String, String>,
     ) -> Result<(), Status> {
         let n = &self.nodes[node];
-        self.created
-            .lock()
-            .unwrap()
-            .published
-            .push((node, vol.volume_id.clone(), n.p(target)));
+        self.created.lock().unwrap().published.push((node, vol.volume_id.clone(), n.p(target)));
         n.node
             .clone()
             .node_publish_volume(csi::NodePublishVolumeRequest {
@@ -259,12 +275,7 @@ impl Csi {
             .map(drop)
     }
 
-    pub async fn unpublish(
-        &self,
-        node: usize,
-        volume_id: &str,
-        target: &str,
-    ) -> Result<(), Status> {
+    pub async fn unpublish(&self, node: usize, volume_id: &str, target: &str) -> Result<(), Status> {
         let n = &self.nodes[node];
         n.node
             .clone()
@@ -279,22 +290,18 @@ impl Csi {
     pub async fn delete(&self, volume_id: &str) -> Result<(), Status> {
         self.ctrl
             .clone()
-            .delete_volume(csi::DeleteVolumeRequest {
-                volume_id: volume_id.into(),
-                ..Default::default()
-            })
+            .delete_volume(csi::DeleteVolumeRequest { volume_id: volume_id.into(), ..Default::default() })
             .await
             .map(drop)
     }
 
-    async fn cleanup_async(
-        nodes: Vec<(NodeClient<Channel>, String)>,
-        mut ctrl: ControllerClient<Channel>,
-        created: Created,
-    ) {
+    async fn cleanup_async(nodes: Vec<Endpoint>, ctrl: Endpoint, created: Created) {
+        // Channels made here, on this runtime: the test's channels run their
+        // connection tasks on the test runtime, which is blocked in Drop.
+        let nodes: Vec<NodeClient<Channel>> = nodes.iter().map(|e| NodeClient::new(serve::channel(e))).collect();
+        let mut ctrl = ControllerClient::new(serve::channel(&ctrl));
         for (i, vol, path) in created.published.iter().rev() {
             let _ = nodes[*i]
-                .0
                 .clone()
                 .node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
                     volume_id: vol.clone(),
@@ -304,7 +311,6 @@ impl Csi {
         }
         for (i, vol, path) in created.staged.iter().rev() {
             let _ = nodes[*i]
-                .0
                 .clone()
                 .node_unstage_volume(csi::NodeUnstageVolumeRequest {
                     volume_id: vol.clone(),
@@ -322,12 +328,7 @@ impl Csi {
                 .await;
         }
         for vol in &created.volumes {
-            let _ = ctrl
-                .delete_volume(csi::DeleteVolumeRequest {
-                    volume_id: vol.clone(),
-                    ..Default::default()
-                })
-                .await;
+            let _ = ctrl.delete_volume(csi::DeleteVolumeRequest { volume_id: vol.clone(), ..Default::default() }).await;
         }
     }
 }
@@ -337,15 +338,15 @@ impl Drop for Csi {
     /// test's runtime may be the one unwinding).
     fn drop(&mut self) {
         let created = std::mem::take(&mut *self.created.lock().unwrap());
-        let nodes: Vec<_> = self
-            .nodes
-            .iter()
-            .map(|n| (n.node.clone(), n.info.node_id.clone()))
-            .collect();
-        let ctrl = self.ctrl.clone();
+        let nodes: Vec<Endpoint> = self.nodes.iter().map(|n| n.info.endpoint.clone()).collect();
+        let ctrl = self.controller_endpoint.clone();
         let _ = std::thread::spawn(move || {
             if let Ok(rt) = tokio::runtime::Runtime::new() {
-                rt.block_on(Csi::cleanup_async(nodes, ctrl, created));
+                // Bounded: a wedged plugin must not hang the suite.
+                rt.block_on(async {
+                    let work = Csi::cleanup_async(nodes, ctrl, created);
+                    let _ = tokio::time::timeout(std::time::Duration::from_secs(120), work).await;
+                });
             }
         })
         .join();
@@ -360,15 +361,9 @@ pub fn create_req(
 ) -> csi::CreateVolumeRequest {
     csi::CreateVolumeRequest {
         name: name.into(),
-        capacity_range: range.map(|(r, l)| csi::CapacityRange {
-            required_bytes: r,
-            limit_bytes: l,
-        }),
+        capacity_range: range.map(|(r, l)| csi::CapacityRange { required_bytes: r, limit_bytes: l }),
         volume_capabilities: caps,
-        parameters: params
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
+        parameters: params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
         ..Default::default()
     }
 }

@@ -1,20 +1,29 @@
-//! Test bench for the node plugin on this machine's kernel: real loop
-//! devices over sparse files, real mkfs/mount/bind, the real CSI Node and
-//! Identity services over a real unix socket.
+//! Test bench for the node plugin against a real volumed: a cluster of real
+//! `volumed` processes (the multi-process harness of `volumed-tests`),
+//! volumes made through the Admin API, and the real CSI Node and Identity
+//! services on a unix socket, talking to node 0's node-local socket through
+//! the crate's own [`GrpcLocalVolumed`]. Attach goes through volumed's
+//! FUSE+loop frontend; mkfs, mounts, bind mounts and statvfs are the
+//! kernel's. Tests need root.
 //!
-//! Only the volumed daemon is stood in for: [`LoopVolumed`] implements the
-//! node-local volumed contract (`LocalVolumed`: attach = a loop device over
-//! the volume's backing file) because volumed itself is not runnable yet.
-//! Everything the node plugin does to devices and mounts is real. Tests
-//! need root (mounts, loop devices).
+//! Most tests share one single-node cluster per test binary (each with its
+//! own volumes, kubelet directory and plugin instance), started by the first
+//! test and stopped when the binary exits. A test that breaks its cluster on
+//! purpose starts one of its own with [`Bench::start_alone`] and runs while
+//! no other test does. Needs the `volumed` binary of this workspace beside
+//! the test executable (`cargo build -p volumed --bin volumed`) or in
+//! `$VOLUMED_BIN`.
 
 #![allow(dead_code)]
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::Duration;
 
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 use volumed_csi::proto::identity_client::IdentityClient;
@@ -22,235 +31,121 @@ use volumed_csi::proto::node_client::NodeClient;
 use volumed_csi::proto::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
 use volumed_csi::proto::{self as csi, VolumeCapability};
 use volumed_csi::serve::{self, Endpoint};
-use volumed_csi_node::{mountinfo, LocalVolumed};
+use volumed_csi_node::{mountinfo, GrpcLocalVolumed, LocalVolumed};
+use volumed_nbd::client::ClientOptions;
+use volumed_nbd::BlockDevice;
 use volumed_proto::volumed::v1 as vd;
+use volumed_tests::cluster::{Cluster, ClusterOptions};
+use volumed_tests::node_local;
 
 pub use volumed_csi::access::Mode;
 
-pub const NODE_ID: u64 = 7;
 pub const MIB: u64 = 1 << 20;
+/// `--max-volumes` of the bench's volumed (NodeGetInfo reports it).
+pub const MAX_VOLUMES: u32 = 16;
+pub const ZONE_KEY: &str = "topology.kubernetes.io/zone";
+pub const ZONE: &str = "zone-a";
+/// A well-formed volume id no cluster knows.
+pub const MISSING_VOLUME: &str = "0b7f6c1e-3f2a-4c1d-9e8f-0000deadbeef";
 
-#[derive(Default)]
-struct Vol {
-    file: PathBuf,
-    device: Option<PathBuf>,
-    readonly: bool,
-    healthy: bool,
-    reason: String,
-}
-
-/// The node-local volumed stand-in: attach = `losetup` of the volume's
-/// backing file (read-only when asked), detach = `losetup -d` of exactly
-/// that device.
-pub struct LoopVolumed {
-    dir: PathBuf,
-    vols: Mutex<HashMap<String, Vol>>,
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn run(cmd: &str, args: &[&str]) -> Result<String, String> {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .map_err(|e| format!("{cmd}: {e}"))?;
+    let out = Command::new(cmd).args(args).output().map_err(|e| format!("{cmd}: {e}"))?;
     if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     } else {
-        Err(format!(
-            "{cmd} {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
+        Err(format!("{cmd} {args:?}: {}", String::from_utf8_lossy(&out.stderr).trim()))
     }
 }
 
-impl LoopVolumed {
-    pub fn new(dir: PathBuf) -> LoopVolumed {
-        LoopVolumed {
-            dir,
-            vols: Mutex::new(HashMap::new()),
-        }
-    }
-
-    /// A new volume: a sparse backing file of `size` bytes.
-    pub fn add_volume(&self, id: &str, size: u64) -> PathBuf {
-        let file = self.dir.join(format!("{id}.img"));
-        let f = std::fs::File::create(&file).unwrap();
-        f.set_len(size).unwrap();
-        self.vols.lock().unwrap().insert(
-            id.to_string(),
-            Vol {
-                file: file.clone(),
-                healthy: true,
-                ..Default::default()
-            },
-        );
-        file
-    }
-
-    pub fn backing_file(&self, id: &str) -> PathBuf {
-        self.vols.lock().unwrap()[id].file.clone()
-    }
-
-    pub fn device(&self, id: &str) -> Option<PathBuf> {
-        self.vols
-            .lock()
-            .unwrap()
-            .get(id)
-            .and_then(|v| v.device.clone())
-    }
-
-    pub fn set_health(&self, id: &str, healthy: bool, reason: &str) {
-        let mut v = self.vols.lock().unwrap();
-        let vol = v.get_mut(id).unwrap();
-        vol.healthy = healthy;
-        vol.reason = reason.to_string();
-    }
-
-    /// Grows the backing file and tells the loop driver (what volumed does
-    /// after ResizeVolume).
-    pub fn grow(&self, id: &str, size: u64) {
-        let (file, dev) = {
-            let v = self.vols.lock().unwrap();
-            (v[id].file.clone(), v[id].device.clone())
-        };
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&file)
-            .unwrap()
-            .set_len(size)
-            .unwrap();
-        if let Some(d) = dev {
-            run("losetup", &["-c", d.to_str().unwrap()]).unwrap();
-        }
-    }
-
-    /// Releases every loop device this stand-in attached.
-    pub fn detach_all(&self) {
-        let mut v = self.vols.lock().unwrap();
-        for vol in v.values_mut() {
-            if let Some(d) = vol.device.take() {
-                if let Err(e) = run("losetup", &["-d", d.to_str().unwrap()]) {
-                    eprintln!("cleanup: {e}");
-                }
-            }
-        }
+/// Flags of every bench volumed: FUSE+loop (what this machine has, and what
+/// the tests look for), a known attach limit, one topology label and one
+/// node-level label NodeGetInfo must leave out.
+fn options(nodes: usize) -> ClusterOptions {
+    let extra = [
+        "--frontend",
+        "fuse-loop",
+        "--max-volumes",
+        &MAX_VOLUMES.to_string(),
+        "--label",
+        &format!("{ZONE_KEY}={ZONE}"),
+        "--label",
+        "kubernetes.io/hostname=bench",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    ClusterOptions {
+        nodes,
+        bootstrap_expect: nodes,
+        catalog_voters: if nodes >= 3 { 3 } else { 1 },
+        extra_args: extra,
+        ..ClusterOptions::default()
     }
 }
 
-#[tonic::async_trait]
-impl LocalVolumed for LoopVolumed {
-    async fn node_info(&self) -> Result<vd::NodeInfoResponse, Status> {
-        Ok(vd::NodeInfoResponse {
-            node_id: NODE_ID,
-            node_name: "bench".into(),
-            labels: [
-                (
-                    "topology.kubernetes.io/zone".to_string(),
-                    "zone-a".to_string(),
-                ),
-                ("kubernetes.io/hostname".to_string(), "bench".to_string()),
-            ]
-            .into(),
-            max_volumes: 16,
-            api_addr: String::new(),
-        })
-    }
+/// Tests on the shared cluster run side by side (read); one that brings
+/// nodes down runs alone (write): a frozen cluster next to others on two
+/// cores would make their timers, not the code, decide the outcome.
+static TURNS: RwLock<()> = RwLock::new(());
 
-    async fn attach(&self, req: vd::AttachRequest) -> Result<vd::AttachResponse, Status> {
-        let mut v = self.vols.lock().unwrap();
-        let vol = v
-            .get_mut(&req.volume)
-            .ok_or_else(|| Status::not_found(format!("no volume {}", req.volume)))?;
-        if vol.device.is_none() {
-            let file = vol.file.to_str().unwrap().to_string();
-            let mut args = vec!["-f", "--show"];
-            if req.readonly {
-                args.push("-r");
-            }
-            args.push(&file);
-            let dev = run("losetup", &args).map_err(Status::internal)?;
-            vol.device = Some(PathBuf::from(dev));
-            vol.readonly = req.readonly;
-        }
-        let size = std::fs::metadata(&vol.file).unwrap().len();
-        Ok(vd::AttachResponse {
-            volume_id: req.volume.clone(),
-            device: vol.device.as_ref().unwrap().to_string_lossy().into_owned(),
-            frontend: "loop-bench".into(),
-            generation: 1,
-            size_bytes: size,
-        })
-    }
+enum Turn {
+    Shared(#[allow(dead_code)] RwLockReadGuard<'static, ()>),
+    Alone(#[allow(dead_code)] RwLockWriteGuard<'static, ()>),
+}
 
-    async fn detach(&self, volume: &str) -> Result<bool, Status> {
-        let mut v = self.vols.lock().unwrap();
-        let Some(vol) = v.get_mut(volume) else {
-            return Ok(false);
-        };
-        match vol.device.take() {
-            Some(d) => {
-                run("losetup", &["-d", d.to_str().unwrap()]).map_err(Status::internal)?;
-                Ok(true)
-            }
-            None => Ok(false),
-        }
-    }
+static SHARED: Mutex<Option<Arc<Cluster>>> = Mutex::new(None);
+static STARTING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-    async fn list_attachments(&self) -> Result<vd::ListAttachmentsResponse, Status> {
-        let v = self.vols.lock().unwrap();
-        Ok(vd::ListAttachmentsResponse {
-            attachments: v
-                .iter()
-                .filter_map(|(id, vol)| {
-                    vol.device.as_ref().map(|d| vd::LocalAttachment {
-                        volume_id: id.clone(),
-                        volume_name: format!("pvc-{id}"),
-                        device: d.to_string_lossy().into_owned(),
-                        frontend: "loop-bench".into(),
-                        generation: 1,
-                        healthy: vol.healthy,
-                        reason: vol.reason.clone(),
-                        state: "attached".into(),
-                        readonly: vol.readonly,
-                        size_bytes: 0,
-                    })
-                })
-                .collect(),
-            mounts: Vec::new(),
-        })
+/// The single-node cluster of this test binary, started on first use.
+async fn shared_cluster() -> Arc<Cluster> {
+    let _starting = STARTING.lock().await;
+    if let Some(c) = lock(&SHARED).clone() {
+        return c;
     }
+    let c = Arc::new(Cluster::start(options(1)).await);
+    *lock(&SHARED) = Some(c.clone());
+    // Statics are never dropped: stop it when the test binary exits, which
+    // libtest does through exit() both when tests pass and when they fail.
+    // SAFETY: registers a plain function without captured state.
+    unsafe { libc::atexit(stop_shared_cluster) };
+    c
+}
 
-    async fn device_health(&self, volume: &str) -> Result<vd::DeviceHealthResponse, Status> {
-        let v = self.vols.lock().unwrap();
-        let vol = v
-            .get(volume)
-            .ok_or_else(|| Status::not_found(volume.to_string()))?;
-        Ok(vd::DeviceHealthResponse {
-            attached: vol.device.is_some(),
-            healthy: vol.healthy,
-            reason: vol.reason.clone(),
-        })
-    }
-
-    async fn mount(&self, _req: vd::MountRequest) -> Result<vd::MountResponse, Status> {
-        Err(Status::unimplemented(
-            "file volumes are not part of this bench",
-        ))
-    }
-
-    async fn unmount(&self, _target: &Path) -> Result<bool, Status> {
-        Ok(false)
+extern "C" fn stop_shared_cluster() {
+    let taken = lock(&SHARED).take();
+    if let Some(c) = taken {
+        // A panic must not cross the C boundary.
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| release(c)));
     }
 }
 
-/// A node plugin served on a unix socket, with its kubelet dir, loop
-/// devices and mounts cleaned up on drop (also when a test fails).
-pub struct Bench {
-    pub dir: tempfile::TempDir,
-    pub kubelet: PathBuf,
-    pub volumed: Arc<LoopVolumed>,
-    pub node: NodeClient<Channel>,
-    pub identity: IdentityClient<Channel>,
-    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+/// Drops the cluster (SIGKILL of its processes, lazy unmounts below its
+/// directory) and releases loop devices volumed left bound to files there
+/// (a test that died holding a mount).
+fn release(c: Arc<Cluster>) {
+    let reaper = LoopReaper(Some(c.path().to_path_buf()));
+    drop(c);
+    drop(reaper);
+}
+
+/// Releases, on drop, loop devices still bound to files below a cluster's
+/// directory. Dropped after the cluster (whose drop kills volumed and
+/// lazily unmounts its FUSE mounts, but leaves the loops over them).
+struct LoopReaper(Option<PathBuf>);
+
+impl Drop for LoopReaper {
+    fn drop(&mut self) {
+        let Some(root) = &self.0 else { return };
+        for (dev, _) in node_local::loops_below(root) {
+            if let Err(e) = run("losetup", &["-d", &dev.display().to_string()]) {
+                eprintln!("cleanup: {e}");
+            }
+        }
+    }
 }
 
 pub fn require_root() {
@@ -260,15 +155,53 @@ pub fn require_root() {
     );
 }
 
+/// The node plugin served on a unix socket, talking to the volumed of
+/// `cluster.nodes[node]`. On drop (also when a test fails) it unmounts
+/// everything below its kubelet dir, detaches its volumes and deletes them.
+pub struct Bench {
+    pub dir: tempfile::TempDir,
+    pub kubelet: PathBuf,
+    pub cluster: Arc<Cluster>,
+    /// Index of the node the plugin runs on.
+    pub node_index: usize,
+    replicas: u32,
+    /// The client the plugin uses (the crate's real implementation).
+    pub volumed: Arc<GrpcLocalVolumed>,
+    pub node: NodeClient<Channel>,
+    pub identity: IdentityClient<Channel>,
+    volumes: Mutex<Vec<String>>,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    /// After `cluster`: fields drop in order, and a cluster of the bench's
+    /// own goes down with it.
+    _reaper: LoopReaper,
+    _turn: Turn,
+}
+
 impl Bench {
+    /// A plugin on the shared single-node cluster (volumes: 1 replica).
     pub async fn start() -> Bench {
         require_root();
-        let dir = tempfile::tempdir().unwrap();
+        let turn = Turn::Shared(TURNS.read().unwrap_or_else(|p| p.into_inner()));
+        let cluster = shared_cluster().await;
+        Bench::serve(cluster, 0, 1, turn).await
+    }
+
+    /// A plugin on node 0 of a fresh cluster of `nodes` nodes owned by this
+    /// bench (volumes get one replica per node), while no other test runs.
+    pub async fn start_alone(nodes: usize) -> Bench {
+        require_root();
+        let turn = Turn::Alone(TURNS.write().unwrap_or_else(|p| p.into_inner()));
+        let cluster = Arc::new(Cluster::start(options(nodes)).await);
+        Bench::serve(cluster, 0, nodes as u32, turn).await
+    }
+
+    async fn serve(cluster: Arc<Cluster>, node_index: usize, replicas: u32, turn: Turn) -> Bench {
+        let dir = tempfile::Builder::new().prefix("csi-node-bench-").tempdir().unwrap();
         let kubelet = dir.path().join("kubelet");
         std::fs::create_dir_all(&kubelet).unwrap();
-        let images = dir.path().join("images");
-        std::fs::create_dir_all(&images).unwrap();
-        let volumed = Arc::new(LoopVolumed::new(images));
+        // Waits until the node-local API answers.
+        cluster.local(node_index).await;
+        let volumed = Arc::new(GrpcLocalVolumed::new(&cluster.local_socket(node_index)));
         let sock = dir.path().join("csi.sock");
         let endpoint = Endpoint::Unix(sock.clone());
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -279,31 +212,98 @@ impl Bench {
             let shutdown = async {
                 let _ = rx.await;
             };
-            volumed_csi_node::serve_with(
-                server_volumed,
-                "csi.volumed.dev",
-                server_kubelet,
-                &server_endpoint,
-                shutdown,
-            )
-            .await
-            .unwrap();
+            volumed_csi_node::serve_with(server_volumed, "csi.volumed.dev", server_kubelet, &server_endpoint, shutdown)
+                .await
+                .unwrap();
         });
         for _ in 0..100 {
             if sock.exists() {
                 break;
             }
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let ch = serve::channel(&endpoint);
+        let own = matches!(turn, Turn::Alone(_));
         Bench {
+            _reaper: LoopReaper(own.then(|| cluster.path().to_path_buf())),
             dir,
             kubelet,
+            cluster,
+            node_index,
+            replicas,
             volumed,
             node: NodeClient::new(ch.clone()),
             identity: IdentityClient::new(ch),
+            volumes: Mutex::new(Vec::new()),
             shutdown: Some(tx),
+            _turn: turn,
         }
+    }
+
+    /// Creates a volume through the Admin API (deleted when the bench
+    /// drops); returns its id, which is what CSI calls the volume.
+    pub async fn create_volume(&self, name: &str, size: u64) -> String {
+        let v = self.cluster.create_volume(name, size, self.replicas).await;
+        lock(&self.volumes).push(v.id.clone());
+        v.id
+    }
+
+    /// Admin ResizeVolume (what ControllerExpandVolume does).
+    pub async fn resize(&self, id: &str, size: u64) {
+        let mut admin = self.cluster.admin().await;
+        if let Err(e) = admin.resize_volume(vd::ResizeVolumeRequest { id_or_name: id.into(), size_bytes: size }).await {
+            panic!("resize {id} to {size}: {e}\n{}", self.cluster.logs_tail(30));
+        }
+    }
+
+    /// This node's attachment of the volume, as its volumed lists it.
+    pub async fn attachment(&self, id: &str) -> Option<vd::LocalAttachment> {
+        let list = self.volumed.list_attachments().await.expect("list attachments");
+        list.attachments.into_iter().find(|a| a.volume_id == id)
+    }
+
+    /// The device volumed attached the volume as.
+    pub async fn device(&self, id: &str) -> Option<PathBuf> {
+        self.attachment(id).await.map(|a| PathBuf::from(a.device))
+    }
+
+    /// Where volumed's FUSE+loop frontend keeps the volume's image file.
+    pub fn fuse_dir(&self, id: &str) -> PathBuf {
+        self.cluster.nodes[self.node_index].run_dir.join("fuse").join(id)
+    }
+
+    /// Nothing of the volume is left on the node: no attachment, no loop
+    /// device over its FUSE image, no FUSE mount, no catalog attachment.
+    pub async fn assert_detached(&self, id: &str) {
+        assert_eq!(self.attachment(id).await, None, "volume {id} is still attached");
+        let fuse = self.fuse_dir(id);
+        let loops = node_local::loops_below(&fuse);
+        assert!(loops.is_empty(), "loop devices of {id} left: {loops:?}");
+        let mounts = node_local::mounts_below(&fuse);
+        assert!(mounts.is_empty(), "FUSE mounts of {id} left: {mounts:?}");
+        // Detach unpublishes at once; the node's report of the device it
+        // had leaves GetVolume with the next heartbeat.
+        self.cluster
+            .wait_volume(id, Duration::from_secs(15), "no attachments in the catalog", |v| v.attachments.is_empty())
+            .await;
+    }
+
+    /// Writes through an NBD connection of its own (an admin connection:
+    /// allowed only while no writer has the volume attached).
+    pub async fn write_volume(&self, id: &str, offset: u64, data: &[u8]) {
+        let c = self.cluster.nbd_client(id, &[self.node_index], ClientOptions::default()).await;
+        c.write(offset, bytes::Bytes::copy_from_slice(data), true).await.expect("NBD write");
+        c.flush().await.expect("NBD flush");
+        c.close().await;
+    }
+
+    /// Reads through an NBD connection of its own (what the volume holds,
+    /// not what some page cache on this node holds).
+    pub async fn read_volume(&self, id: &str, offset: u64, len: u32) -> Vec<u8> {
+        let c = self.cluster.nbd_client(id, &[self.node_index], ClientOptions::default()).await;
+        let data = c.read(offset, len).await.expect("NBD read");
+        c.close().await;
+        data.to_vec()
     }
 
     /// A path under the kubelet dir.
@@ -315,12 +315,7 @@ impl Bench {
         self.path(rel).to_string_lossy().into_owned()
     }
 
-    pub async fn stage(
-        &self,
-        id: &str,
-        staging: &str,
-        cap: VolumeCapability,
-    ) -> Result<(), Status> {
+    pub async fn stage(&self, id: &str, staging: &str, cap: VolumeCapability) -> Result<(), Status> {
         self.stage_ctx(id, staging, cap, HashMap::new()).await
     }
 
@@ -391,11 +386,7 @@ impl Bench {
             .map(drop)
     }
 
-    pub async fn stats(
-        &self,
-        id: &str,
-        path: &str,
-    ) -> Result<csi::NodeGetVolumeStatsResponse, Status> {
+    pub async fn stats(&self, id: &str, path: &str) -> Result<csi::NodeGetVolumeStatsResponse, Status> {
         self.node
             .clone()
             .node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
@@ -417,7 +408,7 @@ impl Bench {
         mountinfo::mount_at(&self.path(rel)).unwrap()
     }
 
-    fn cleanup(&self) {
+    fn unmount_all(&self) {
         // Deepest mounts first; lazily as a last resort so a failed test
         // never leaves a mount behind for the next run.
         for _ in 0..32 {
@@ -432,15 +423,69 @@ impl Bench {
                 }
             }
         }
-        self.volumed.detach_all();
+    }
+}
+
+/// Detaches and deletes `volumes` (each step best effort), bounded in time.
+async fn release_volumes(cluster: &Cluster, socket: &Path, volumes: &[String]) {
+    let local = GrpcLocalVolumed::new(socket);
+    for id in volumes {
+        if let Err(s) = local.detach(id).await {
+            eprintln!("cleanup: detaching {id}: {}", s.message());
+        }
+    }
+    let mut admin = cluster.admin().await;
+    for id in volumes {
+        if let Err(s) = admin.delete_volume(vd::DeleteVolumeRequest { id_or_name: id.clone() }).await {
+            eprintln!("cleanup: deleting {id}: {}", s.message());
+        }
     }
 }
 
 impl Drop for Bench {
     fn drop(&mut self) {
-        self.cleanup();
+        self.unmount_all();
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
+        }
+        let volumes = std::mem::take(&mut *lock(&self.volumes));
+        let cluster = self.cluster.clone();
+        let socket = cluster.local_socket(self.node_index);
+        // On a runtime of its own: Drop cannot await, and the test's
+        // runtime may be the one unwinding.
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
+            rt.block_on(async {
+                let work = release_volumes(&cluster, &socket, &volumes);
+                if tokio::time::timeout(Duration::from_secs(120), work).await.is_err() {
+                    eprintln!("cleanup: releasing volumes {volumes:?} timed out");
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// Volumed nodes stopped with SIGSTOP (alive, sockets open, answering
+/// nothing: a partition) until this guard drops, also when a test fails.
+pub struct Frozen {
+    pids: Vec<i32>,
+}
+
+impl Frozen {
+    pub fn nodes(cluster: &Cluster, nodes: &[usize]) -> Frozen {
+        let pids: Vec<i32> = nodes.iter().map(|&i| cluster.nodes[i].pid().expect("node runs") as i32).collect();
+        for &p in &pids {
+            kill(Pid::from_raw(p), Signal::SIGSTOP).expect("SIGSTOP");
+        }
+        Frozen { pids }
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        for &p in &self.pids {
+            let _ = kill(Pid::from_raw(p), Signal::SIGCONT);
         }
     }
 }
@@ -478,27 +523,22 @@ pub fn assert_code<T: std::fmt::Debug>(r: Result<T, Status>, code: Code) -> Stat
     }
 }
 
-/// `blkid -p` UUID of a device or image.
+/// `blkid -p` UUID of a device.
 pub fn fs_uuid(path: &Path) -> String {
-    run(
-        "blkid",
-        &["-p", "-s", "UUID", "-o", "value", path.to_str().unwrap()],
-    )
-    .unwrap_or_default()
+    run("blkid", &["-p", "-s", "UUID", "-o", "value", path.to_str().unwrap()]).unwrap_or_default()
 }
 
 pub fn fs_type(path: &Path) -> String {
-    run(
-        "blkid",
-        &["-p", "-s", "TYPE", "-o", "value", path.to_str().unwrap()],
-    )
-    .unwrap_or_default()
+    run("blkid", &["-p", "-s", "TYPE", "-o", "value", path.to_str().unwrap()]).unwrap_or_default()
 }
 
-pub fn loop_of(file: &Path) -> Vec<String> {
-    run("losetup", &["-j", file.to_str().unwrap()])
-        .unwrap_or_default()
-        .lines()
-        .map(|s| s.to_string())
-        .collect()
+/// Size of a block device in bytes.
+pub fn device_size(path: &Path) -> u64 {
+    run("blockdev", &["--getsize64", path.to_str().unwrap()]).unwrap().parse().unwrap()
+}
+
+/// Device number of a device node.
+pub fn rdev(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).unwrap().rdev()
 }

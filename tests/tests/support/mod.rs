@@ -78,3 +78,19 @@ pub fn stored_block(db: &DB, volume: &str, block: u64) -> Option<Result<Vec<u8>,
         None => Err(()),
     })
 }
+
+/// Stored block versions of `volume` (keys in the `blocks` column family).
+pub fn block_keys(data_dir: &Path, volume: &str) -> usize {
+    let db = open(data_dir);
+    let cf = db.cf_handle(CF_BLOCKS).expect("blocks column family");
+    let (start, end) = keys::group_range(group(volume));
+    let mut n = 0;
+    for item in db.iterator_cf(&cf, IteratorMode::From(&start, Direction::Forward)) {
+        let (k, _) = item.expect("iterate");
+        if k.as_ref() >= end.as_slice() {
+            break;
+        }
+        n += 1;
+    }
+    n
+}

@@ -44,10 +44,7 @@ pub enum FrontendError {
 
 impl FrontendError {
     pub(crate) fn io(op: impl Into<String>, source: io::Error) -> Self {
-        FrontendError::Io {
-            op: op.into(),
-            source,
-        }
+        FrontendError::Io { op: op.into(), source }
     }
 }
 
@@ -72,20 +69,11 @@ mod tests {
     #[test]
     fn errno_mapping() {
         assert_eq!(block_error_errno(&BlockError::Io("x".into())), libc::EIO);
-        assert_eq!(
-            block_error_errno(&BlockError::Fenced("g".into())),
-            libc::EIO
-        );
-        assert_eq!(
-            block_error_errno(&BlockError::Unavailable("no leader".into())),
-            libc::EIO
-        );
+        assert_eq!(block_error_errno(&BlockError::Fenced("g".into())), libc::EIO);
+        assert_eq!(block_error_errno(&BlockError::Unavailable("no leader".into())), libc::EIO);
         assert_eq!(block_error_errno(&BlockError::NoSpace), libc::ENOSPC);
         assert_eq!(block_error_errno(&BlockError::ReadOnly), libc::EROFS);
         assert_eq!(block_error_errno(&BlockError::OutOfRange), libc::EINVAL);
-        assert_eq!(
-            block_error_errno(&BlockError::Invalid("misaligned".into())),
-            libc::EINVAL
-        );
+        assert_eq!(block_error_errno(&BlockError::Invalid("misaligned".into())), libc::EINVAL);
     }
 }

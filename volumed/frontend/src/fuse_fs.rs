@@ -13,9 +13,9 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
-    KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty,
-    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, WriteFlags,
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig,
+    LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs,
+    ReplyWrite, Request, WriteFlags,
 };
 use volumed_nbd::{BlockDevice, BlockError};
 
@@ -64,15 +64,7 @@ impl DiskFs {
         span: tracing::Span,
     ) -> Self {
         let block_size = device.block_size().max(512);
-        DiskFs {
-            device,
-            size,
-            read_only,
-            block_size,
-            rt,
-            span,
-            created: SystemTime::now(),
-        }
+        DiskFs { device, size, read_only, block_size, rt, span, created: SystemTime::now() }
     }
 
     fn attr(&self, ino: u64) -> Option<FileAttr> {
@@ -109,9 +101,7 @@ impl DiskFs {
 
     /// Checks a data request against the exposed size.
     fn in_range(&self, offset: u64, len: u64) -> bool {
-        offset
-            .checked_add(len)
-            .is_some_and(|end| end <= self.size.load(Ordering::Acquire))
+        offset.checked_add(len).is_some_and(|end| end <= self.size.load(Ordering::Acquire))
     }
 }
 
@@ -201,10 +191,7 @@ impl Filesystem for DiskFs {
         // No page cache on the FUSE side (the loop device and the
         // filesystem above it have their own), and direct writes may run in
         // parallel: the device orders nothing between them.
-        reply.opened(
-            FileHandle(0),
-            FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES,
-        );
+        reply.opened(FileHandle(0), FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES);
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -289,26 +276,12 @@ impl Filesystem for DiskFs {
         });
     }
 
-    fn flush(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
-        _lock_owner: LockOwner,
-        reply: ReplyEmpty,
-    ) {
+    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
         // close() is not a durability point; fsync is.
         reply.ok();
     }
 
-    fn fsync(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
-        _datasync: bool,
-        reply: ReplyEmpty,
-    ) {
+    fn fsync(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
         // The loop driver turns a block-layer flush (an fsync or a FUA
         // write in the filesystem above) into fsync on this file.
         let device = self.device.clone();
@@ -361,9 +334,7 @@ impl Filesystem for DiskFs {
             // that may unmap).
             FALLOC_FL_PUNCH_HOLE => device.clone().trim_owned(offset, length),
             // Zeroes that must stay allocated (REQ_NOUNMAP).
-            FALLOC_FL_ZERO_RANGE | FALLOC_FL_WRITE_ZEROES => {
-                device.clone().write_zeroes_owned(offset, length)
-            }
+            FALLOC_FL_ZERO_RANGE | FALLOC_FL_WRITE_ZEROES => device.clone().write_zeroes_owned(offset, length),
             _ => {
                 reply.error(Errno::EOPNOTSUPP);
                 return;
@@ -389,14 +360,7 @@ impl Filesystem for DiskFs {
         }
     }
 
-    fn readdir(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        _fh: FileHandle,
-        offset: u64,
-        mut reply: ReplyDirectory,
-    ) {
+    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
         if ino.0 != ROOT_INO {
             reply.error(Errno::ENOTDIR);
             return;
@@ -435,32 +399,16 @@ impl Filesystem for DiskFs {
 /// Owned futures for the fallocate paths, so the spawned task does not
 /// borrow the filesystem.
 trait OwnedOps {
-    fn trim_owned(
-        self,
-        offset: u64,
-        len: u64,
-    ) -> futures::future::BoxFuture<'static, Result<(), BlockError>>;
-    fn write_zeroes_owned(
-        self,
-        offset: u64,
-        len: u64,
-    ) -> futures::future::BoxFuture<'static, Result<(), BlockError>>;
+    fn trim_owned(self, offset: u64, len: u64) -> futures::future::BoxFuture<'static, Result<(), BlockError>>;
+    fn write_zeroes_owned(self, offset: u64, len: u64) -> futures::future::BoxFuture<'static, Result<(), BlockError>>;
 }
 
 impl OwnedOps for Arc<dyn BlockDevice> {
-    fn trim_owned(
-        self,
-        offset: u64,
-        len: u64,
-    ) -> futures::future::BoxFuture<'static, Result<(), BlockError>> {
+    fn trim_owned(self, offset: u64, len: u64) -> futures::future::BoxFuture<'static, Result<(), BlockError>> {
         Box::pin(async move { self.trim(offset, len, false).await })
     }
 
-    fn write_zeroes_owned(
-        self,
-        offset: u64,
-        len: u64,
-    ) -> futures::future::BoxFuture<'static, Result<(), BlockError>> {
+    fn write_zeroes_owned(self, offset: u64, len: u64) -> futures::future::BoxFuture<'static, Result<(), BlockError>> {
         Box::pin(async move { self.write_zeroes(offset, len, false, false).await })
     }
 }

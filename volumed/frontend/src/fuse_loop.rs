@@ -62,9 +62,7 @@ fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, FrontendError> + Send + 'static,
 ) -> Result<T, FrontendError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| FrontendError::io("blocking task", io::Error::other(e)))?
+    tokio::task::spawn_blocking(f).await.map_err(|e| FrontendError::io("blocking task", io::Error::other(e)))?
 }
 
 impl FuseLoop {
@@ -73,10 +71,7 @@ impl FuseLoop {
         opts: &AttachOptions,
         span: &tracing::Span,
     ) -> Result<Self, FrontendError> {
-        let unavailable = |reason: String| FrontendError::Unavailable {
-            kind: FrontendKind::FuseLoop,
-            reason,
-        };
+        let unavailable = |reason: String| FrontendError::Unavailable { kind: FrontendKind::FuseLoop, reason };
         loopdev::available().map_err(unavailable)?;
         if !Path::new("/dev/fuse").exists() {
             return Err(unavailable("/dev/fuse is missing (no FUSE driver)".into()));
@@ -119,11 +114,7 @@ impl FuseLoop {
         Ok(this)
     }
 
-    async fn setup(
-        &mut self,
-        opts: &AttachOptions,
-        span: &tracing::Span,
-    ) -> Result<(), FrontendError> {
+    async fn setup(&mut self, opts: &AttachOptions, span: &tracing::Span) -> Result<(), FrontendError> {
         let read_only = opts.readonly;
         let size = self.size.load(Ordering::Acquire);
 
@@ -145,9 +136,7 @@ impl FuseLoop {
                                 .into(),
                         });
                     }
-                    let empty = std::fs::read_dir(&mp)
-                        .map(|mut d| d.next().is_none())
-                        .unwrap_or(false);
+                    let empty = std::fs::read_dir(&mp).map(|mut d| d.next().is_none()).unwrap_or(false);
                     if !empty {
                         return Err(FrontendError::InvalidArgument(format!(
                             "{} exists and is not empty",
@@ -179,11 +168,7 @@ impl FuseLoop {
             MountOption::NoSuid,
             MountOption::NoExec,
             MountOption::NoAtime,
-            if read_only {
-                MountOption::RO
-            } else {
-                MountOption::RW
-            },
+            if read_only { MountOption::RO } else { MountOption::RW },
             MountOption::CUSTOM(format!("max_read={}", crate::fuse_fs::MAX_IO)),
         ];
         // Only root (the loop driver's workers run as root) and the owner.
@@ -223,10 +208,7 @@ impl FuseLoop {
         let span2 = span.clone();
         let (loop_path, direct_io) = blocking(move || {
             let backing = open_backing(&disk, read_only)?;
-            let len = backing
-                .metadata()
-                .map_err(|e| FrontendError::io(format!("stat {}", disk.display()), e))?
-                .len();
+            let len = backing.metadata().map_err(|e| FrontendError::io(format!("stat {}", disk.display()), e))?.len();
             if len != size {
                 return Err(FrontendError::io(
                     format!("stat {}", disk.display()),
@@ -236,12 +218,7 @@ impl FuseLoop {
             let dev = LoopDevice::bind(
                 &backing,
                 &disk,
-                LoopOptions {
-                    read_only,
-                    direct_io: true,
-                    block_size,
-                    autoclear: true,
-                },
+                LoopOptions { read_only, direct_io: true, block_size, autoclear: true },
             )
             .map_err(|e| FrontendError::io("bind a loop device", e))?;
             let dev = Arc::new(dev);
@@ -264,9 +241,7 @@ impl FuseLoop {
                 other => {
                     return Err(FrontendError::io(
                         format!("check size of {}", dev.path().display()),
-                        io::Error::other(format!(
-                            "loop device shows {other:?} bytes, expected {size}"
-                        )),
+                        io::Error::other(format!("loop device shows {other:?} bytes, expected {size}")),
                     ))
                 }
             }
@@ -294,11 +269,7 @@ impl FuseLoop {
         self.direct_io
     }
 
-    pub(crate) async fn resize(
-        &self,
-        new_size: u64,
-        span: &tracing::Span,
-    ) -> Result<(), FrontendError> {
+    pub(crate) async fn resize(&self, new_size: u64, span: &tracing::Span) -> Result<(), FrontendError> {
         let cur = self.size();
         if new_size == cur {
             return Ok(());
@@ -321,9 +292,7 @@ impl FuseLoop {
             )));
         }
         let Some(dev) = lock(&self.state).loopdev.clone() else {
-            return Err(FrontendError::InvalidArgument(
-                "the device is detached".into(),
-            ));
+            return Err(FrontendError::InvalidArgument("the device is detached".into()));
         };
         self.size.store(new_size, Ordering::Release);
         let notifier = self.notifier.clone();
@@ -348,23 +317,18 @@ impl FuseLoop {
                 if Instant::now() >= deadline {
                     return Err(FrontendError::io(
                         format!("stat {}", disk.display()),
-                        io::Error::other(format!(
-                            "kernel still sees {len} bytes, expected {new_size}"
-                        )),
+                        io::Error::other(format!("kernel still sees {len} bytes, expected {new_size}")),
                     ));
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
-            dev.set_capacity().map_err(|e| {
-                FrontendError::io(format!("LOOP_SET_CAPACITY on {}", dev.path().display()), e)
-            })?;
+            dev.set_capacity()
+                .map_err(|e| FrontendError::io(format!("LOOP_SET_CAPACITY on {}", dev.path().display()), e))?;
             match dev.size() {
                 Some(s) if s == new_size => Ok(()),
                 other => Err(FrontendError::io(
                     format!("check size of {}", dev.path().display()),
-                    io::Error::other(format!(
-                        "loop device shows {other:?} bytes, expected {new_size}"
-                    )),
+                    io::Error::other(format!("loop device shows {other:?} bytes, expected {new_size}")),
                 )),
             }
         })
@@ -389,10 +353,8 @@ impl FuseLoop {
         if let Some(dev) = dev {
             let path = dev.path().to_path_buf();
             blocking(move || {
-                let f = File::open(&path)
-                    .map_err(|e| FrontendError::io(format!("open {}", path.display()), e))?;
-                f.sync_all()
-                    .map_err(|e| FrontendError::io(format!("fsync {}", path.display()), e))
+                let f = File::open(&path).map_err(|e| FrontendError::io(format!("open {}", path.display()), e))?;
+                f.sync_all().map_err(|e| FrontendError::io(format!("fsync {}", path.display()), e))
             })
             .await?;
         }
@@ -404,13 +366,7 @@ impl FuseLoop {
     }
 
     pub(crate) fn teardown_blocking(&mut self, span: &tracing::Span) {
-        if let Err(e) = teardown(
-            &self.state,
-            &self.mountpoint,
-            &self.disk_path,
-            DROP_WAIT,
-            span,
-        ) {
+        if let Err(e) = teardown(&self.state, &self.mountpoint, &self.disk_path, DROP_WAIT, span) {
             tracing::error!(parent: span, error = %e, "teardown left the device in place");
         }
     }
@@ -427,11 +383,7 @@ fn open_backing(disk: &Path, read_only: bool) -> Result<File, FrontendError> {
 
 /// Whether someone holds `dev` exclusively (a mounted filesystem does).
 pub(crate) fn claimed_exclusively(dev: &Path) -> bool {
-    match OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_EXCL | libc::O_CLOEXEC)
-        .open(dev)
-    {
+    match OpenOptions::new().read(true).custom_flags(libc::O_EXCL | libc::O_CLOEXEC).open(dev) {
         Ok(_) => false,
         Err(e) => e.raw_os_error() == Some(libc::EBUSY),
     }
@@ -459,10 +411,7 @@ fn teardown(
         if let Err(e) = dev.clear() {
             let path = dev.path().to_path_buf();
             st.loopdev = Some(dev);
-            return Err(FrontendError::io(
-                format!("LOOP_CLR_FD on {}", path.display()),
-                e,
-            ));
+            return Err(FrontendError::io(format!("LOOP_CLR_FD on {}", path.display()), e));
         }
         st.pending_loop = Some(dev.number());
         tracing::debug!(parent: span, device = %dev.path().display(), "loop device cleared");
@@ -474,8 +423,7 @@ fn teardown(
         if !loopdev::wait_released(n, disk, wait) {
             return Err(FrontendError::Busy {
                 device: loopdev::device_path(n),
-                reason: "another process still has it open; it is released at its last close"
-                    .into(),
+                reason: "another process still has it open; it is released at its last close".into(),
             });
         }
         st.pending_loop = None;
@@ -491,12 +439,7 @@ fn teardown(
                     reason: "the FUSE file is still open".into(),
                 })
             }
-            Err(e) => {
-                return Err(FrontendError::io(
-                    format!("unmount {}", mountpoint.display()),
-                    io::Error::from(e),
-                ))
-            }
+            Err(e) => return Err(FrontendError::io(format!("unmount {}", mountpoint.display()), io::Error::from(e))),
         }
         st.mounted = false;
         tracing::debug!(parent: span, mountpoint = %mountpoint.display(), "FUSE unmounted");
@@ -524,12 +467,7 @@ fn teardown(
         match std::fs::remove_dir(mountpoint) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => {
-                return Err(FrontendError::io(
-                    format!("remove {}", mountpoint.display()),
-                    e,
-                ))
-            }
+            Err(e) => return Err(FrontendError::io(format!("remove {}", mountpoint.display()), e)),
         }
         st.dir_created = false;
     }

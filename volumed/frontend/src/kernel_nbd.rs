@@ -25,9 +25,7 @@ use tracing::Instrument;
 use volumed_nbd::BlockDevice;
 
 use crate::netlink::{self, GenlMessage, GenlSocket, NLM_F_ACK, NLM_F_REQUEST};
-use crate::{
-    exposed_block_size, AttachOptions, AttachedDevice, FrontendError, FrontendKind, Inner,
-};
+use crate::{exposed_block_size, AttachOptions, AttachedDevice, FrontendError, FrontendKind, Inner};
 
 pub const NBD_GENL_FAMILY: &str = "nbd";
 const NBD_GENL_VERSION: u8 = 1;
@@ -83,11 +81,7 @@ pub struct TransmissionParams {
 /// sending requests at once) of one kernel socket over `device` until the
 /// kernel closes it or sends NBD_CMD_DISC.
 pub type TransmissionServer = Arc<
-    dyn Fn(
-            tokio::net::UnixStream,
-            Arc<dyn BlockDevice>,
-            TransmissionParams,
-        ) -> BoxFuture<'static, io::Result<()>>
+    dyn Fn(tokio::net::UnixStream, Arc<dyn BlockDevice>, TransmissionParams) -> BoxFuture<'static, io::Result<()>>
         + Send
         + Sync,
 >;
@@ -125,8 +119,7 @@ pub fn availability() -> Result<(), String> {
 }
 
 fn family_id() -> Result<u16, String> {
-    let sock =
-        GenlSocket::open().map_err(|e| format!("cannot open a generic-netlink socket: {e}"))?;
+    let sock = GenlSocket::open().map_err(|e| format!("cannot open a generic-netlink socket: {e}"))?;
     match sock.family_id(NBD_GENL_FAMILY) {
         Ok(Some(id)) => Ok(id),
         Ok(None) => {
@@ -139,9 +132,7 @@ fn family_id() -> Result<u16, String> {
                 if node { "present" } else { "missing" },
             ))
         }
-        Err(e) => Err(format!(
-            "looking up the \"nbd\" generic-netlink family failed: {e}"
-        )),
+        Err(e) => Err(format!("looking up the \"nbd\" generic-netlink family failed: {e}")),
     }
 }
 
@@ -162,21 +153,13 @@ pub(crate) struct ConnectConfig {
 fn put_sockets(m: &mut GenlMessage, fds: &[u32]) {
     m.begin_nest(NBD_ATTR_SOCKETS);
     for fd in fds {
-        m.begin_nest(NBD_SOCK_ITEM)
-            .put_u32(NBD_SOCK_FD, *fd)
-            .end_nest();
+        m.begin_nest(NBD_SOCK_ITEM).put_u32(NBD_SOCK_FD, *fd).end_nest();
     }
     m.end_nest();
 }
 
 fn request(family: u16, cmd: u8, seq: u32) -> GenlMessage {
-    GenlMessage::new(
-        family,
-        cmd,
-        NBD_GENL_VERSION,
-        NLM_F_REQUEST | NLM_F_ACK,
-        seq,
-    )
+    GenlMessage::new(family, cmd, NBD_GENL_VERSION, NLM_F_REQUEST | NLM_F_ACK, seq)
 }
 
 pub(crate) fn connect_message(family: u16, seq: u32, c: &ConnectConfig) -> Vec<u8> {
@@ -191,8 +174,7 @@ pub(crate) fn connect_message(family: u16, seq: u32, c: &ConnectConfig) -> Vec<u
     if let Some(t) = c.timeout_secs {
         m.put_u64(NBD_ATTR_TIMEOUT, t);
     }
-    m.put_u64(NBD_ATTR_DEAD_CONN_TIMEOUT, c.dead_conn_timeout_secs)
-        .put_str(NBD_ATTR_BACKEND_IDENTIFIER, &c.backend);
+    m.put_u64(NBD_ATTR_DEAD_CONN_TIMEOUT, c.dead_conn_timeout_secs).put_str(NBD_ATTR_BACKEND_IDENTIFIER, &c.backend);
     put_sockets(&mut m, &c.socket_fds);
     m.finish()
 }
@@ -204,17 +186,9 @@ pub(crate) fn disconnect_message(family: u16, seq: u32, index: u32) -> Vec<u8> {
 }
 
 /// Grows the device (Linux 5.3+).
-pub(crate) fn resize_message(
-    family: u16,
-    seq: u32,
-    index: u32,
-    size: u64,
-    block_size: u64,
-) -> Vec<u8> {
+pub(crate) fn resize_message(family: u16, seq: u32, index: u32, size: u64, block_size: u64) -> Vec<u8> {
     let mut m = request(family, NBD_CMD_RECONFIGURE, seq);
-    m.put_u32(NBD_ATTR_INDEX, index)
-        .put_u64(NBD_ATTR_SIZE_BYTES, size)
-        .put_u64(NBD_ATTR_BLOCK_SIZE_BYTES, block_size);
+    m.put_u32(NBD_ATTR_INDEX, index).put_u64(NBD_ATTR_SIZE_BYTES, size).put_u64(NBD_ATTR_BLOCK_SIZE_BYTES, block_size);
     m.finish()
 }
 
@@ -257,11 +231,7 @@ pub(crate) fn list_ours() -> Vec<(u32, String)> {
     };
     for entry in dir.flatten() {
         let name = entry.file_name();
-        let Some(index) = name
-            .to_str()
-            .and_then(|s| s.strip_prefix("nbd"))
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
+        let Some(index) = name.to_str().and_then(|s| s.strip_prefix("nbd")).and_then(|s| s.parse::<u32>().ok()) else {
             continue;
         };
         let Ok(backend) = std::fs::read_to_string(entry.path().join("backend")) else {
@@ -275,18 +245,11 @@ pub(crate) fn list_ours() -> Vec<(u32, String)> {
     out
 }
 
-async fn netlink_request(
-    op: &'static str,
-    msg: Vec<u8>,
-    seq: u32,
-) -> Result<Vec<netlink::NlMessage>, FrontendError> {
+async fn netlink_request(op: &'static str, msg: Vec<u8>, seq: u32) -> Result<Vec<netlink::NlMessage>, FrontendError> {
     tokio::task::spawn_blocking(move || GenlSocket::open().and_then(|s| s.request(&msg, seq)))
         .await
         .map_err(|e| FrontendError::io("blocking task", io::Error::other(e)))?
-        .map_err(|source| FrontendError::Netlink {
-            op: op.into(),
-            source,
-        })
+        .map_err(|source| FrontendError::Netlink { op: op.into(), source })
 }
 
 pub(crate) struct KernelNbd {
@@ -312,12 +275,10 @@ fn socket_pairs(
     let mut tasks = Vec::new();
     let res = (|| {
         for i in 0..n {
-            let (ours, theirs) = std::os::unix::net::UnixStream::pair()
-                .map_err(|e| FrontendError::io("socketpair", e))?;
-            ours.set_nonblocking(true)
-                .map_err(|e| FrontendError::io("socketpair", e))?;
-            let ours = tokio::net::UnixStream::from_std(ours)
-                .map_err(|e| FrontendError::io("socketpair", e))?;
+            let (ours, theirs) =
+                std::os::unix::net::UnixStream::pair().map_err(|e| FrontendError::io("socketpair", e))?;
+            ours.set_nonblocking(true).map_err(|e| FrontendError::io("socketpair", e))?;
+            let ours = tokio::net::UnixStream::from_std(ours).map_err(|e| FrontendError::io("socketpair", e))?;
             kernel_ends.push(OwnedFd::from(theirs));
             let fut = server(ours, device.clone(), params.clone());
             let conn_span = tracing::info_span!(parent: span, "nbd_conn", conn = i);
@@ -374,14 +335,11 @@ impl KernelNbd {
         device: &Arc<dyn BlockDevice>,
         opts: &AttachOptions,
     ) -> Result<(u16, TransmissionServer, TransmissionParams), FrontendError> {
-        let family = family_id().map_err(|reason| FrontendError::Unavailable {
-            kind: FrontendKind::KernelNbd,
-            reason,
-        })?;
+        let family =
+            family_id().map_err(|reason| FrontendError::Unavailable { kind: FrontendKind::KernelNbd, reason })?;
         let Some(server) = opts.nbd_server.clone() else {
             return Err(FrontendError::InvalidArgument(
-                "the kernel-nbd frontend needs a transmission server (AttachOptions::nbd_server)"
-                    .into(),
+                "the kernel-nbd frontend needs a transmission server (AttachOptions::nbd_server)".into(),
             ));
         };
         let size = device.size();
@@ -456,10 +414,8 @@ impl KernelNbd {
         this.path = device_path(index);
         this.connected = true;
         if !wait_for_node(&this.path).await {
-            let err = FrontendError::io(
-                format!("open {}", this.path.display()),
-                io::Error::from(io::ErrorKind::NotFound),
-            );
+            let err =
+                FrontendError::io(format!("open {}", this.path.display()), io::Error::from(io::ErrorKind::NotFound));
             this.teardown_blocking(span);
             return Err(err);
         }
@@ -510,11 +466,7 @@ impl KernelNbd {
         self.size.load(Ordering::Acquire)
     }
 
-    pub(crate) async fn resize(
-        &self,
-        new_size: u64,
-        span: &tracing::Span,
-    ) -> Result<(), FrontendError> {
+    pub(crate) async fn resize(&self, new_size: u64, span: &tracing::Span) -> Result<(), FrontendError> {
         let cur = self.size();
         if new_size == cur {
             return Ok(());
@@ -532,13 +484,7 @@ impl KernelNbd {
             )));
         }
         let seq = netlink::next_seq();
-        let msg = resize_message(
-            self.family,
-            seq,
-            self.index,
-            new_size,
-            self.block_size as u64,
-        );
+        let msg = resize_message(self.family, seq, self.index, new_size, self.block_size as u64);
         netlink_request("NBD_CMD_RECONFIGURE (size)", msg, seq).await?;
         self.size.store(new_size, Ordering::Release);
         tracing::info!(parent: span, from = cur, to = new_size, "device resized");
@@ -615,11 +561,7 @@ pub async fn reconnect(
     let span = tracing::info_span!("frontend", volume_id = %opts.volume_id, frontend = %FrontendKind::KernelNbd);
     let nbd = KernelNbd::reconnect(device_index, device, &opts, &span).await?;
     tracing::info!(parent: &span, device = %nbd.device_path().display(), "kernel nbd device reconnected");
-    Ok(AttachedDevice {
-        inner: Some(Inner::Nbd(nbd)),
-        volume_id: opts.volume_id,
-        span,
-    })
+    Ok(AttachedDevice { inner: Some(Inner::Nbd(nbd)), volume_id: opts.volume_id, span })
 }
 
 #[cfg(test)]
@@ -658,10 +600,7 @@ mod tests {
         let b = connect_message(0x1d, 42, &c);
         let (len, ty, flags, seq, cmd, ver) = header(&b);
         assert_eq!(len as usize, b.len());
-        assert_eq!(
-            (ty, flags, seq, cmd, ver),
-            (0x1d, NLM_F_REQUEST | NLM_F_ACK, 42, NBD_CMD_CONNECT, 1)
-        );
+        assert_eq!((ty, flags, seq, cmd, ver), (0x1d, NLM_F_REQUEST | NLM_F_ACK, 42, NBD_CMD_CONNECT, 1));
         // Five u64 attributes (12 bytes each), the backend string
         // (4 + 14 -> 20), and SOCKETS: 4 + 2 * (4 + 8).
         assert_eq!(b.len(), 20 + 5 * 12 + 20 + 4 + 2 * 12);
@@ -733,11 +672,7 @@ mod tests {
         let attrs = parse_attrs(&b[20..]);
         assert_eq!(attrs[0].0, NBD_ATTR_INDEX);
         assert_eq!(attrs[0].1, 3u32.to_ne_bytes());
-        let flags = attrs
-            .iter()
-            .find(|a| a.0 == NBD_ATTR_SERVER_FLAGS)
-            .unwrap()
-            .1;
+        let flags = attrs.iter().find(|a| a.0 == NBD_ATTR_SERVER_FLAGS).unwrap().1;
         assert_ne!(attr_u64(flags) & NBD_FLAG_READ_ONLY as u64, 0);
         let t = attrs.iter().find(|a| a.0 == NBD_ATTR_TIMEOUT).unwrap().1;
         assert_eq!(attr_u64(t), 30);
@@ -782,12 +717,7 @@ mod tests {
         let types: Vec<u16> = attrs.iter().map(|a| a.0).collect();
         assert_eq!(
             types,
-            vec![
-                NBD_ATTR_INDEX,
-                NBD_ATTR_DEAD_CONN_TIMEOUT,
-                NBD_ATTR_BACKEND_IDENTIFIER,
-                NBD_ATTR_SOCKETS
-            ]
+            vec![NBD_ATTR_INDEX, NBD_ATTR_DEAD_CONN_TIMEOUT, NBD_ATTR_BACKEND_IDENTIFIER, NBD_ATTR_SOCKETS]
         );
         let item = parse_attrs(attrs[3].1);
         assert_eq!(netlink::attr_u32(parse_attrs(item[0].1)[0].1), Some(11));
@@ -812,14 +742,9 @@ mod tests {
         fn size(&self) -> u64 {
             self.data.lock().unwrap().len() as u64
         }
-        fn read(
-            &self,
-            offset: u64,
-            len: u32,
-        ) -> BoxFuture<'_, Result<bytes::Bytes, volumed_nbd::BlockError>> {
+        fn read(&self, offset: u64, len: u32) -> BoxFuture<'_, Result<bytes::Bytes, volumed_nbd::BlockError>> {
             let d = self.data.lock().unwrap();
-            let out =
-                bytes::Bytes::copy_from_slice(&d[offset as usize..offset as usize + len as usize]);
+            let out = bytes::Bytes::copy_from_slice(&d[offset as usize..offset as usize + len as usize]);
             Box::pin(async move { Ok(out) })
         }
         fn write(
@@ -828,20 +753,14 @@ mod tests {
             data: bytes::Bytes,
             _fua: bool,
         ) -> BoxFuture<'_, Result<(), volumed_nbd::BlockError>> {
-            self.data.lock().unwrap()[offset as usize..offset as usize + data.len()]
-                .copy_from_slice(&data);
+            self.data.lock().unwrap()[offset as usize..offset as usize + data.len()].copy_from_slice(&data);
             Box::pin(async { Ok(()) })
         }
         fn flush(&self) -> BoxFuture<'_, Result<(), volumed_nbd::BlockError>> {
             self.flushes.fetch_add(1, Ordering::SeqCst);
             Box::pin(async { Ok(()) })
         }
-        fn trim(
-            &self,
-            offset: u64,
-            len: u64,
-            _fua: bool,
-        ) -> BoxFuture<'_, Result<(), volumed_nbd::BlockError>> {
+        fn trim(&self, offset: u64, len: u64, _fua: bool) -> BoxFuture<'_, Result<(), volumed_nbd::BlockError>> {
             self.data.lock().unwrap()[offset as usize..(offset + len) as usize].fill(0);
             Box::pin(async { Ok(()) })
         }
@@ -872,10 +791,7 @@ mod tests {
         let mut r = [0u8; 16];
         s.read_exact(&mut r).unwrap();
         assert_eq!(u32::from_be_bytes(r[0..4].try_into().unwrap()), 0x6744_6698);
-        (
-            u32::from_be_bytes(r[4..8].try_into().unwrap()),
-            u64::from_be_bytes(r[8..16].try_into().unwrap()),
-        )
+        (u32::from_be_bytes(r[4..8].try_into().unwrap()), u64::from_be_bytes(r[8..16].try_into().unwrap()))
     }
 
     /// Plays the kernel on its end of a socketpair: the served end must
@@ -883,10 +799,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn kernel_end_of_a_socketpair_is_served() {
         use std::io::{Read, Write};
-        let mem = Arc::new(MemDevice {
-            data: std::sync::Mutex::new(vec![0u8; 1 << 20]),
-            flushes: AtomicU64::new(0),
-        });
+        let mem = Arc::new(MemDevice { data: std::sync::Mutex::new(vec![0u8; 1 << 20]), flushes: AtomicU64::new(0) });
         let device: Arc<dyn BlockDevice> = mem.clone();
         let params = TransmissionParams {
             export: "t".into(),
@@ -896,8 +809,7 @@ mod tests {
             flags: flags_for(false),
         };
         let span = tracing::Span::none();
-        let (mut kernel_ends, tasks) =
-            socket_pairs(1, &device, &volumed_nbd_server(), params, &span).unwrap();
+        let (mut kernel_ends, tasks) = socket_pairs(1, &device, &volumed_nbd_server(), params, &span).unwrap();
         let sock = std::os::unix::net::UnixStream::from(kernel_ends.pop().unwrap());
         let payload: Vec<u8> = (0..4096u32).map(|i| (i % 251) as u8).collect();
         let p2 = payload.clone();
@@ -923,10 +835,7 @@ mod tests {
         .await
         .unwrap();
         for t in tasks {
-            tokio::time::timeout(Duration::from_secs(5), t)
-                .await
-                .unwrap()
-                .unwrap();
+            tokio::time::timeout(Duration::from_secs(5), t).await.unwrap().unwrap();
         }
         assert_eq!(&mem.data.lock().unwrap()[8192..8192 + 4096], &payload[..]);
         assert_eq!(mem.flushes.load(Ordering::SeqCst), 1);

@@ -151,9 +151,7 @@ pub(crate) fn validate_volume_id(id: &str) -> Result<(), FrontendError> {
         && id.len() <= 128
         && id != "."
         && id != ".."
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
     if ok {
         Ok(())
     } else {
@@ -210,9 +208,7 @@ pub struct DetachError {
 impl AttachedDevice {
     fn inner(&self) -> &Inner {
         // Only `detach` and `drop` take it, and both consume self.
-        self.inner
-            .as_ref()
-            .unwrap_or_else(|| unreachable!("AttachedDevice used after detach"))
+        self.inner.as_ref().unwrap_or_else(|| unreachable!("AttachedDevice used after detach"))
     }
 
     /// The block device node (`/dev/loopN` or `/dev/nbdN`).
@@ -289,10 +285,7 @@ impl AttachedDevice {
                 tracing::info!(parent: &span, "device detached");
                 Ok(())
             }
-            Err(error) => Err(DetachError {
-                error,
-                device: self,
-            }),
+            Err(error) => Err(DetachError { error, device: self }),
         }
     }
 }
@@ -320,18 +313,10 @@ pub async fn attach(
     validate_volume_id(&opts.volume_id)?;
     let span = tracing::info_span!("frontend", volume_id = %opts.volume_id, frontend = %kind);
     let inner = match kind {
-        FrontendKind::FuseLoop => {
-            Inner::Fuse(fuse_loop::FuseLoop::attach(device, &opts, &span).await?)
-        }
-        FrontendKind::KernelNbd => {
-            Inner::Nbd(kernel_nbd::KernelNbd::attach(device, &opts, &span).await?)
-        }
+        FrontendKind::FuseLoop => Inner::Fuse(fuse_loop::FuseLoop::attach(device, &opts, &span).await?),
+        FrontendKind::KernelNbd => Inner::Nbd(kernel_nbd::KernelNbd::attach(device, &opts, &span).await?),
     };
-    let dev = AttachedDevice {
-        inner: Some(inner),
-        volume_id: opts.volume_id.clone(),
-        span,
-    };
+    let dev = AttachedDevice { inner: Some(inner), volume_id: opts.volume_id.clone(), span };
     tracing::info!(parent: &dev.span, device = %dev.device_path().display(), size = dev.size(), "device attached");
     Ok(dev)
 }
@@ -355,13 +340,7 @@ mod tests {
     fn volume_ids() {
         assert!(validate_volume_id("pvc-1234_a.b").is_ok());
         for bad in ["", ".", "..", "a/b", "a b", "x\0", &"a".repeat(129)] {
-            assert!(
-                matches!(
-                    validate_volume_id(bad),
-                    Err(FrontendError::InvalidArgument(_))
-                ),
-                "{bad:?}"
-            );
+            assert!(matches!(validate_volume_id(bad), Err(FrontendError::InvalidArgument(_))), "{bad:?}");
         }
     }
 }

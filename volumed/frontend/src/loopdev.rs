@@ -143,11 +143,7 @@ fn ioctl_val(fd: &File, request: libc::c_ulong, arg: libc::c_ulong) -> io::Resul
 /// Asks /dev/loop-control for a free device number (creating one if all are
 /// bound).
 pub(crate) fn get_free() -> io::Result<u32> {
-    let ctl = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_CLOEXEC)
-        .open("/dev/loop-control")?;
+    let ctl = OpenOptions::new().read(true).write(true).custom_flags(libc::O_CLOEXEC).open("/dev/loop-control")?;
     let n = ioctl_val(&ctl, LOOP_CTL_GET_FREE, 0)?;
     u32::try_from(n).map_err(|_| io::Error::other("LOOP_CTL_GET_FREE returned a negative number"))
 }
@@ -166,11 +162,7 @@ fn open_node(number: u32, read_only: bool) -> io::Result<File> {
     // asynchronously.
     let deadline = Instant::now() + Duration::from_secs(2);
     loop {
-        let res = OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .custom_flags(libc::O_CLOEXEC)
-            .open(&path);
+        let res = OpenOptions::new().read(true).write(!read_only).custom_flags(libc::O_CLOEXEC).open(&path);
         match res {
             Err(e) if e.kind() == io::ErrorKind::NotFound && Instant::now() < deadline => {
                 std::thread::sleep(Duration::from_millis(10));
@@ -207,11 +199,7 @@ pub(crate) fn list_bound() -> Vec<(u32, PathBuf)> {
     };
     for entry in dir.flatten() {
         let name = entry.file_name();
-        let Some(n) = name
-            .to_str()
-            .and_then(|s| s.strip_prefix("loop"))
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
+        let Some(n) = name.to_str().and_then(|s| s.strip_prefix("loop")).and_then(|s| s.parse::<u32>().ok()) else {
             continue;
         };
         if let Some(backing) = backing_file(n) {
@@ -229,9 +217,7 @@ pub(crate) fn sysfs_size(number: u32) -> Option<u64> {
 }
 
 pub(crate) fn sysfs_dio(number: u32) -> bool {
-    std::fs::read_to_string(sys_dir(number).join("loop/dio"))
-        .map(|s| s.trim() == "1")
-        .unwrap_or(false)
+    std::fs::read_to_string(sys_dir(number).join("loop/dio")).map(|s| s.trim() == "1").unwrap_or(false)
 }
 
 /// Clears a loop device we no longer hold a handle to (stale cleanup).
@@ -277,11 +263,7 @@ impl LoopDevice {
                 }
                 Err(e) => return Err(e),
             };
-            let dev = LoopDevice {
-                number,
-                path: device_path(number),
-                file,
-            };
+            let dev = LoopDevice { number, path: device_path(number), file };
             match dev.configure(backing, backing_path, opts) {
                 Ok(()) => return Ok(dev),
                 // Someone else bound it first; it is theirs.
@@ -310,21 +292,13 @@ impl LoopDevice {
             }
             Err(e) => return Err(e),
         }
-        ioctl_val(
-            &self.file,
-            LOOP_SET_FD,
-            backing.as_raw_fd() as libc::c_ulong,
-        )?;
+        ioctl_val(&self.file, LOOP_SET_FD, backing.as_raw_fd() as libc::c_ulong)?;
         // From here the device is ours: undo on any later failure.
         let rest = (|| {
             let flags = opts.flags() & !LO_FLAGS_DIRECT_IO;
             let info = LoopInfo64::new(flags, backing_path);
             ioctl_ptr(&self.file, LOOP_SET_STATUS64, &info)?;
-            ioctl_val(
-                &self.file,
-                LOOP_SET_BLOCK_SIZE,
-                opts.block_size as libc::c_ulong,
-            )?;
+            ioctl_val(&self.file, LOOP_SET_BLOCK_SIZE, opts.block_size as libc::c_ulong)?;
             if opts.direct_io {
                 ioctl_val(&self.file, LOOP_SET_DIRECT_IO, 1)?;
             }
@@ -402,12 +376,7 @@ mod tests {
 
     #[test]
     fn option_flags() {
-        let o = LoopOptions {
-            read_only: true,
-            direct_io: true,
-            block_size: 4096,
-            autoclear: true,
-        };
+        let o = LoopOptions { read_only: true, direct_io: true, block_size: 4096, autoclear: true };
         assert_eq!(o.flags(), 1 | 4 | 16);
     }
 }

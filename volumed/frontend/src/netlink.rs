@@ -12,8 +12,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use nix::sys::socket::{
-    bind, recv, send, socket, AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol,
-    SockType,
+    bind, recv, send, socket, AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType,
 };
 
 pub(crate) const NLMSG_HDRLEN: usize = 16;
@@ -56,10 +55,7 @@ impl GenlMessage {
         buf.extend_from_slice(&seq.to_ne_bytes());
         buf.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel fills it
         buf.extend_from_slice(&[cmd, version, 0, 0]);
-        GenlMessage {
-            buf,
-            nests: Vec::new(),
-        }
+        GenlMessage { buf, nests: Vec::new() }
     }
 
     fn put(&mut self, ty: u16, payload: &[u8]) {
@@ -92,8 +88,7 @@ impl GenlMessage {
     pub(crate) fn begin_nest(&mut self, ty: u16) -> &mut Self {
         self.nests.push(self.buf.len());
         self.buf.extend_from_slice(&0u16.to_ne_bytes());
-        self.buf
-            .extend_from_slice(&(ty | NLA_F_NESTED).to_ne_bytes());
+        self.buf.extend_from_slice(&(ty | NLA_F_NESTED).to_ne_bytes());
         self
     }
 
@@ -130,10 +125,7 @@ pub(crate) fn parse_messages(mut buf: &[u8]) -> io::Result<Vec<NlMessage>> {
     while buf.len() >= NLMSG_HDRLEN {
         let len = u32::from_ne_bytes(buf[0..4].try_into().unwrap_or_default()) as usize;
         if len < NLMSG_HDRLEN || len > buf.len() {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "truncated netlink message",
-            ));
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "truncated netlink message"));
         }
         out.push(NlMessage {
             ty: u16::from_ne_bytes([buf[4], buf[5]]),
@@ -210,12 +202,7 @@ pub(crate) struct GenlSocket {
 
 impl GenlSocket {
     pub(crate) fn open() -> io::Result<Self> {
-        let fd = socket(
-            AddressFamily::Netlink,
-            SockType::Raw,
-            SockFlag::SOCK_CLOEXEC,
-            SockProtocol::NetlinkGeneric,
-        )?;
+        let fd = socket(AddressFamily::Netlink, SockType::Raw, SockFlag::SOCK_CLOEXEC, SockProtocol::NetlinkGeneric)?;
         bind(fd.as_raw_fd(), &NetlinkAddr::new(0, 0))?;
         // Ask for the kernel's error strings; old kernels lack the option.
         let on: libc::c_int = 1;
@@ -247,10 +234,7 @@ impl GenlSocket {
                 match m.ty {
                     NLMSG_ERROR => {
                         let Some((code, text)) = decode_error(&m) else {
-                            return Err(io::Error::new(
-                                io::ErrorKind::InvalidData,
-                                "short netlink error message",
-                            ));
+                            return Err(io::Error::new(io::ErrorKind::InvalidData, "short netlink error message"));
                         };
                         if code == 0 {
                             return Ok(replies);
@@ -283,10 +267,7 @@ impl GenlSocket {
                         }
                     }
                 }
-                Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    "CTRL_CMD_GETFAMILY reply without a family id",
-                ))
+                Err(io::Error::new(io::ErrorKind::InvalidData, "CTRL_CMD_GETFAMILY reply without a family id"))
             }
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
             Err(e) => Err(e),
@@ -295,13 +276,7 @@ impl GenlSocket {
 }
 
 pub(crate) fn getfamily_message(name: &str, seq: u32) -> Vec<u8> {
-    let mut m = GenlMessage::new(
-        GENL_ID_CTRL,
-        CTRL_CMD_GETFAMILY,
-        CTRL_VERSION,
-        NLM_F_REQUEST | NLM_F_ACK,
-        seq,
-    );
+    let mut m = GenlMessage::new(GENL_ID_CTRL, CTRL_CMD_GETFAMILY, CTRL_VERSION, NLM_F_REQUEST | NLM_F_ACK, seq);
     m.put_str(CTRL_ATTR_FAMILY_NAME, name);
     m.finish()
 }
@@ -359,10 +334,7 @@ mod tests {
         assert_eq!(u16::from_ne_bytes([b[22], b[23]]), 7 | NLA_F_NESTED);
         let items = parse_attrs(attrs[0].1);
         assert_eq!(items.len(), 2);
-        let fds: Vec<u32> = items
-            .iter()
-            .map(|(_, p)| attr_u32(parse_attrs(p)[0].1).unwrap())
-            .collect();
+        let fds: Vec<u32> = items.iter().map(|(_, p)| attr_u32(parse_attrs(p)[0].1).unwrap()).collect();
         assert_eq!(fds, vec![42, 43]);
     }
 
@@ -398,10 +370,7 @@ mod tests {
         err.extend_from_slice(text);
         err.resize(total, 0);
         let msgs = parse_messages(&err).unwrap();
-        assert_eq!(
-            decode_error(&msgs[0]),
-            Some((-libc::EINVAL, Some("nbd: bad size".to_string())))
-        );
+        assert_eq!(decode_error(&msgs[0]), Some((-libc::EINVAL, Some("nbd: bad size".to_string()))));
     }
 
     #[test]

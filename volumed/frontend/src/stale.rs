@@ -68,10 +68,8 @@ pub fn recover_stale(run_dir: &Path) -> Vec<StaleDevice> {
     let fuse_root = fuse_root.canonicalize().unwrap_or(fuse_root);
     let mut found: BTreeMap<String, StaleDevice> = BTreeMap::new();
 
-    let loops: Vec<(u32, PathBuf)> = loopdev::list_bound()
-        .into_iter()
-        .filter(|(_, backing)| backing.starts_with(&fuse_root))
-        .collect();
+    let loops: Vec<(u32, PathBuf)> =
+        loopdev::list_bound().into_iter().filter(|(_, backing)| backing.starts_with(&fuse_root)).collect();
     let mounts: Vec<PathBuf> = mountinfo::read()
         .into_iter()
         .filter(|m| m.fs_type == "fuse" || m.fs_type.starts_with("fuse."))
@@ -83,9 +81,7 @@ pub fn recover_stale(run_dir: &Path) -> Vec<StaleDevice> {
         let Some(id) = volume_of(&fuse_root, backing) else {
             continue;
         };
-        let entry = found
-            .entry(id.clone())
-            .or_insert_with(|| StaleDevice::new(&id, FrontendKind::FuseLoop));
+        let entry = found.entry(id.clone()).or_insert_with(|| StaleDevice::new(&id, FrontendKind::FuseLoop));
         let dev = loopdev::device_path(*n);
         entry.device_path = Some(dev.clone());
         if crate::fuse_loop::claimed_exclusively(&dev) {
@@ -103,16 +99,12 @@ pub fn recover_stale(run_dir: &Path) -> Vec<StaleDevice> {
         let Some(id) = volume_of(&fuse_root, mp) else {
             continue;
         };
-        let entry = found
-            .entry(id.clone())
-            .or_insert_with(|| StaleDevice::new(&id, FrontendKind::FuseLoop));
+        let entry = found.entry(id.clone()).or_insert_with(|| StaleDevice::new(&id, FrontendKind::FuseLoop));
         entry.fuse_mountpoint = Some(mp.clone());
         // A loop device still bound to the file keeps the mount busy:
         // detach it from the tree, the kernel frees it with the loop.
         let res = match nix::mount::umount2(mp.as_path(), nix::mount::MntFlags::empty()) {
-            Err(nix::errno::Errno::EBUSY) => {
-                nix::mount::umount2(mp.as_path(), nix::mount::MntFlags::MNT_DETACH)
-            }
+            Err(nix::errno::Errno::EBUSY) => nix::mount::umount2(mp.as_path(), nix::mount::MntFlags::MNT_DETACH),
             other => other,
         };
         if let Err(e) = res {
@@ -136,24 +128,18 @@ pub fn recover_stale(run_dir: &Path) -> Vec<StaleDevice> {
             if mountinfo::is_mount_point(&path) {
                 continue;
             }
-            let is_ours = path.is_dir()
-                && std::fs::read_dir(&path)
-                    .map(|mut e| e.next().is_none())
-                    .unwrap_or(false);
+            let is_ours = path.is_dir() && std::fs::read_dir(&path).map(|mut e| e.next().is_none()).unwrap_or(false);
             if !is_ours {
                 continue;
             }
             match std::fs::remove_dir(&path) {
                 Ok(()) => {
-                    found
-                        .entry(id.clone())
-                        .or_insert_with(|| StaleDevice::new(&id, FrontendKind::FuseLoop));
+                    found.entry(id.clone()).or_insert_with(|| StaleDevice::new(&id, FrontendKind::FuseLoop));
                 }
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => {
-                    let entry = found
-                        .entry(id.clone())
-                        .or_insert_with(|| StaleDevice::new(&id, FrontendKind::FuseLoop));
+                    let entry =
+                        found.entry(id.clone()).or_insert_with(|| StaleDevice::new(&id, FrontendKind::FuseLoop));
                     entry.error = Some(format!("remove {}: {e}", path.display()));
                 }
             }
@@ -162,10 +148,7 @@ pub fn recover_stale(run_dir: &Path) -> Vec<StaleDevice> {
 
     for entry in found.values_mut() {
         let dir_gone = !fuse_root.join(&entry.volume_id).exists();
-        let mount_gone = entry
-            .fuse_mountpoint
-            .as_ref()
-            .is_none_or(|mp| !mountinfo::is_mount_point(mp));
+        let mount_gone = entry.fuse_mountpoint.as_ref().is_none_or(|mp| !mountinfo::is_mount_point(mp));
         entry.cleaned = entry.error.is_none() && !entry.in_use && dir_gone && mount_gone;
     }
 
@@ -198,14 +181,8 @@ mod tests {
     #[test]
     fn volume_from_paths() {
         let root = Path::new("/run/v/fuse");
-        assert_eq!(
-            volume_of(root, Path::new("/run/v/fuse/pvc-1/disk")).as_deref(),
-            Some("pvc-1")
-        );
-        assert_eq!(
-            volume_of(root, Path::new("/run/v/fuse/pvc-2")).as_deref(),
-            Some("pvc-2")
-        );
+        assert_eq!(volume_of(root, Path::new("/run/v/fuse/pvc-1/disk")).as_deref(), Some("pvc-1"));
+        assert_eq!(volume_of(root, Path::new("/run/v/fuse/pvc-2")).as_deref(), Some("pvc-2"));
         assert_eq!(volume_of(root, Path::new("/run/other/disk")), None);
         assert_eq!(volume_of(root, root), None);
     }
@@ -213,10 +190,8 @@ mod tests {
     #[test]
     fn nothing_found_in_an_empty_run_dir() {
         let dir = tempfile::tempdir().unwrap();
-        let found: Vec<_> = recover_stale(dir.path())
-            .into_iter()
-            .filter(|s| s.kind == FrontendKind::FuseLoop)
-            .collect();
+        let found: Vec<_> =
+            recover_stale(dir.path()).into_iter().filter(|s| s.kind == FrontendKind::FuseLoop).collect();
         assert!(found.is_empty(), "{found:?}");
     }
 }

@@ -46,36 +46,25 @@ async fn fio_randwrite_fuse_loop_vs_plain_loop() {
     let tmp = tempfile::tempdir().unwrap();
     let run_dir = tmp.path().join("run");
     let dev = FileDevice::create(tmp.path(), 256 * MIB);
-    let d = attach(
-        FrontendKind::FuseLoop,
-        dev.clone() as Arc<dyn BlockDevice>,
-        AttachOptions::new("fio-vol", &run_dir),
-    )
-    .await
-    .unwrap();
+    let d =
+        attach(FrontendKind::FuseLoop, dev.clone() as Arc<dyn BlockDevice>, AttachOptions::new("fio-vol", &run_dir))
+            .await
+            .unwrap();
     let mut g = DeviceGuard(Some(d));
     let loop_dev = g.dev().device_path().to_path_buf();
     let rt = runtime.clone();
     let ld = loop_dev.clone();
-    let (fuse_iops, _) = tokio::task::spawn_blocking(move || fio(&ld, &rt))
-        .await
-        .unwrap();
+    let (fuse_iops, _) = tokio::task::spawn_blocking(move || fio(&ld, &rt)).await.unwrap();
     g.detach().await;
     assert_nothing_left(&run_dir, "fio-vol", &loop_dev);
 
     // The same on a plain loop device over a file on the same disk.
     let img = tmp.path().join("plain.img");
-    std::fs::File::create(&img)
-        .unwrap()
-        .set_len(256 * MIB)
-        .unwrap();
-    let plain = run_ok(
-        Command::new("losetup")
-            .args(["-f", "--show", "--direct-io=on", "--sector-size", "4096"])
-            .arg(&img),
-    )
-    .trim()
-    .to_string();
+    std::fs::File::create(&img).unwrap().set_len(256 * MIB).unwrap();
+    let plain =
+        run_ok(Command::new("losetup").args(["-f", "--show", "--direct-io=on", "--sector-size", "4096"]).arg(&img))
+            .trim()
+            .to_string();
     struct Release(String);
     impl Drop for Release {
         fn drop(&mut self) {
@@ -84,13 +73,9 @@ async fn fio_randwrite_fuse_loop_vs_plain_loop() {
     }
     let _release = Release(plain.clone());
     let rt = runtime.clone();
-    let (plain_iops, _) = tokio::task::spawn_blocking(move || fio(Path::new(&plain), &rt))
-        .await
-        .unwrap();
+    let (plain_iops, _) = tokio::task::spawn_blocking(move || fio(Path::new(&plain), &rt)).await.unwrap();
 
-    eprintln!(
-        "fio randwrite 4k iodepth=32 {runtime}s: fuse-loop {fuse_iops:.0} IOPS, plain loop {plain_iops:.0} IOPS"
-    );
+    eprintln!("fio randwrite 4k iodepth=32 {runtime}s: fuse-loop {fuse_iops:.0} IOPS, plain loop {plain_iops:.0} IOPS");
     assert!(fuse_iops > 0.0 && plain_iops > 0.0);
     assert!(dev.writes.load(std::sync::atomic::Ordering::SeqCst) > 0);
 }

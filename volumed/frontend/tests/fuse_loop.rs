@@ -18,9 +18,7 @@ const MIB: u64 = 1 << 20;
 
 async fn attach_fuse(dev: Arc<FileDevice>, run_dir: &Path, id: &str) -> DeviceGuard {
     let opts = AttachOptions::new(id, run_dir);
-    let d = attach(FrontendKind::FuseLoop, dev as Arc<dyn BlockDevice>, opts)
-        .await
-        .unwrap();
+    let d = attach(FrontendKind::FuseLoop, dev as Arc<dyn BlockDevice>, opts).await.unwrap();
     DeviceGuard(Some(d))
 }
 
@@ -41,10 +39,7 @@ async fn ext4_data_survives_and_detach_leaves_nothing() {
     assert_eq!(log_sec, "4096");
     let disk = run_dir.canonicalize().unwrap().join("fuse/ext4-vol/disk");
     assert_eq!(Path::new(&back), disk);
-    assert_eq!(
-        g.dev().backing_file(),
-        Some(run_dir.join("fuse/ext4-vol/disk").as_path())
-    );
+    assert_eq!(g.dev().backing_file(), Some(run_dir.join("fuse/ext4-vol/disk").as_path()));
     assert_eq!(blockdev_size(&loop_dev), 256 * MIB);
 
     run_ok(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&loop_dev));
@@ -53,12 +48,7 @@ async fn ext4_data_survives_and_detach_leaves_nothing() {
     let mnt_path = tmp.path().join("mnt");
     {
         let mut m = MountGuard::mount(&loop_dev, mnt_path.clone(), "rw");
-        run_ok(
-            Command::new("cp")
-                .arg("-a")
-                .arg(format!("{}/.", src.display()))
-                .arg(&m.path),
-        );
+        run_ok(Command::new("cp").arg("-a").arg(format!("{}/.", src.display())).arg(&m.path));
         run_ok(&mut Command::new("sync"));
         check_tree(&m.path, &manifest);
         m.unmount();
@@ -76,11 +66,7 @@ async fn ext4_data_survives_and_detach_leaves_nothing() {
 
     // Everything reached the device: its image is a clean ext4 with the tree.
     run_ok(Command::new("e2fsck").args(["-f", "-n"]).arg(&dev.path));
-    let img_loop = run_ok(
-        Command::new("losetup")
-            .args(["-f", "--show", "-r"])
-            .arg(&dev.path),
-    );
+    let img_loop = run_ok(Command::new("losetup").args(["-f", "--show", "-r"]).arg(&dev.path));
     let img_loop = img_loop.trim().to_string();
     struct Release(String);
     impl Drop for Release {
@@ -106,12 +92,7 @@ async fn xfs_grows_online_after_resize() {
     let manifest = write_tree(&src);
     {
         let mut m = MountGuard::mount(&loop_dev, tmp.path().join("mnt"), "rw");
-        run_ok(
-            Command::new("cp")
-                .arg("-a")
-                .arg(format!("{}/.", src.display()))
-                .arg(&m.path),
-        );
+        run_ok(Command::new("cp").arg("-a").arg(format!("{}/.", src.display())).arg(&m.path));
 
         // Growing the device beyond the volume is refused, shrinking too.
         let err = g.dev().resize(1024 * MIB).await.unwrap_err();
@@ -125,11 +106,7 @@ async fn xfs_grows_online_after_resize() {
         assert_eq!(g.dev().size(), 1024 * MIB);
         assert_eq!(blockdev_size(&loop_dev), 1024 * MIB);
         run_ok(Command::new("xfs_growfs").arg(&m.path));
-        let df = run_ok(
-            Command::new("df")
-                .args(["-B1", "--output=size"])
-                .arg(&m.path),
-        );
+        let df = run_ok(Command::new("df").args(["-B1", "--output=size"]).arg(&m.path));
         let fs_size: u64 = df.lines().nth(1).unwrap().trim().parse().unwrap();
         assert!(fs_size > 900 * MIB, "filesystem did not grow: {fs_size}");
         // New space is usable: fill some of it past the old end.
@@ -169,14 +146,8 @@ async fn fsync_in_the_filesystem_flushes_the_device() {
         .await
         .unwrap();
         drop(f);
-        assert!(
-            dev.writes.load(Ordering::SeqCst) > writes_before,
-            "fsync wrote nothing"
-        );
-        assert!(
-            dev.flushes.load(Ordering::SeqCst) > flushes_before,
-            "fsync did not reach BlockDevice::flush"
-        );
+        assert!(dev.writes.load(Ordering::SeqCst) > writes_before, "fsync wrote nothing");
+        assert!(dev.flushes.load(Ordering::SeqCst) > flushes_before, "fsync did not reach BlockDevice::flush");
         m.unmount();
     }
     g.detach().await;
@@ -237,12 +208,7 @@ async fn device_errors_reach_direct_io_as_eio() {
     let d2 = data.clone();
     tokio::task::spawn_blocking(move || {
         use std::os::unix::fs::FileExt;
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(&path)
-            .unwrap();
+        let f = std::fs::OpenOptions::new().read(true).write(true).custom_flags(libc::O_DIRECT).open(&path).unwrap();
         // O_DIRECT needs an aligned buffer.
         let mut buf = AlignedBuf::new(8192);
         buf.as_mut().copy_from_slice(&d2);
@@ -254,12 +220,7 @@ async fn device_errors_reach_direct_io_as_eio() {
     .await
     .unwrap();
     let mut img = vec![0u8; 8192];
-    std::os::unix::fs::FileExt::read_exact_at(
-        &std::fs::File::open(&dev.path).unwrap(),
-        &mut img,
-        4096 * 10,
-    )
-    .unwrap();
+    std::os::unix::fs::FileExt::read_exact_at(&std::fs::File::open(&dev.path).unwrap(), &mut img, 4096 * 10).unwrap();
     assert_eq!(img, data);
     g.detach().await;
     assert_nothing_left(&run_dir, "err-vol", &loop_dev);
@@ -282,32 +243,17 @@ async fn discard_and_zeroout_reach_the_device() {
     };
     let zeros_at = |off: u64| {
         let mut buf = vec![1u8; 4 * MIB as usize];
-        std::os::unix::fs::FileExt::read_exact_at(
-            &std::fs::File::open(&dev.path).unwrap(),
-            &mut buf,
-            off,
-        )
-        .unwrap();
+        std::os::unix::fs::FileExt::read_exact_at(&std::fs::File::open(&dev.path).unwrap(), &mut buf, off).unwrap();
         buf.iter().all(|b| *b == 0)
     };
     let ld = loop_dev.clone();
-    let (trims, zeroes) = (
-        dev.trims.load(Ordering::SeqCst),
-        dev.zeroes.load(Ordering::SeqCst),
-    );
+    let (trims, zeroes) = (dev.trims.load(Ordering::SeqCst), dev.zeroes.load(Ordering::SeqCst));
     tokio::task::block_in_place(|| {
         fill(8);
         assert!(!zeros_at(8 * MIB));
-        run_ok(
-            Command::new("blkdiscard")
-                .args(["-o", &(8 * MIB).to_string(), "-l", &(4 * MIB).to_string()])
-                .arg(&ld),
-        );
+        run_ok(Command::new("blkdiscard").args(["-o", &(8 * MIB).to_string(), "-l", &(4 * MIB).to_string()]).arg(&ld));
     });
-    assert!(
-        dev.trims.load(Ordering::SeqCst) > trims,
-        "discard did not reach trim"
-    );
+    assert!(dev.trims.load(Ordering::SeqCst) > trims, "discard did not reach trim");
     assert!(zeros_at(8 * MIB));
 
     tokio::task::block_in_place(|| {
@@ -315,21 +261,12 @@ async fn discard_and_zeroout_reach_the_device() {
         assert!(!zeros_at(16 * MIB));
         run_ok(
             Command::new("blkdiscard")
-                .args([
-                    "-z",
-                    "-o",
-                    &(16 * MIB).to_string(),
-                    "-l",
-                    &(4 * MIB).to_string(),
-                ])
+                .args(["-z", "-o", &(16 * MIB).to_string(), "-l", &(4 * MIB).to_string()])
                 .arg(&ld),
         );
     });
     let after = dev.trims.load(Ordering::SeqCst) + dev.zeroes.load(Ordering::SeqCst);
-    assert!(
-        after > trims + zeroes + 1,
-        "zero-out did not reach the device"
-    );
+    assert!(after > trims + zeroes + 1, "zero-out did not reach the device");
     assert!(zeros_at(16 * MIB));
     g.detach().await;
     assert_nothing_left(&run_dir, "trim-vol", &loop_dev);
@@ -348,24 +285,17 @@ async fn busy_detach_hands_the_device_back() {
 
     let d = g.0.take().unwrap();
     let back = d.detach().await.unwrap_err();
-    assert!(
-        matches!(back.error, FrontendError::Busy { .. }),
-        "{}",
-        back.error
-    );
+    assert!(matches!(back.error, FrontendError::Busy { .. }), "{}", back.error);
     g.0 = Some(back.device);
     // Still fully working.
     assert_eq!(losetup_info(&loop_dev).unwrap().1, "1");
     std::fs::write(m.path.join("y"), b"world").unwrap();
 
     // A second attach of the same volume must fail without touching the first.
-    let err = attach(
-        FrontendKind::FuseLoop,
-        dev.clone() as Arc<dyn BlockDevice>,
-        AttachOptions::new("busy-vol", &run_dir),
-    )
-    .await
-    .unwrap_err();
+    let err =
+        attach(FrontendKind::FuseLoop, dev.clone() as Arc<dyn BlockDevice>, AttachOptions::new("busy-vol", &run_dir))
+            .await
+            .unwrap_err();
     assert!(matches!(err, FrontendError::Busy { .. }), "{err}");
     assert_eq!(std::fs::read(m.path.join("x")).unwrap(), b"hello");
 
@@ -381,26 +311,20 @@ async fn bad_requests_are_refused_cleanly() {
     let run_dir = tmp.path().join("run");
     let dev = FileDevice::create(tmp.path(), 64 * MIB);
 
-    let err = attach(
-        FrontendKind::FuseLoop,
-        dev.clone() as Arc<dyn BlockDevice>,
-        AttachOptions::new("../escape", &run_dir),
-    )
-    .await
-    .unwrap_err();
+    let err =
+        attach(FrontendKind::FuseLoop, dev.clone() as Arc<dyn BlockDevice>, AttachOptions::new("../escape", &run_dir))
+            .await
+            .unwrap_err();
     assert!(matches!(err, FrontendError::InvalidArgument(_)), "{err}");
 
     // A leftover non-empty directory is not ours to mount over.
     let mp = run_dir.join("fuse/occupied");
     std::fs::create_dir_all(&mp).unwrap();
     std::fs::write(mp.join("keep"), b"x").unwrap();
-    let err = attach(
-        FrontendKind::FuseLoop,
-        dev.clone() as Arc<dyn BlockDevice>,
-        AttachOptions::new("occupied", &run_dir),
-    )
-    .await
-    .unwrap_err();
+    let err =
+        attach(FrontendKind::FuseLoop, dev.clone() as Arc<dyn BlockDevice>, AttachOptions::new("occupied", &run_dir))
+            .await
+            .unwrap_err();
     assert!(matches!(err, FrontendError::InvalidArgument(_)), "{err}");
     assert!(mp.join("keep").exists());
 
@@ -409,35 +333,18 @@ async fn bad_requests_are_refused_cleanly() {
     std::fs::create_dir(&odd_dir).unwrap();
     let odd = FileDevice::create(&odd_dir, 64 * MIB);
     odd.grow(64 * MIB + 512);
-    let err = attach(
-        FrontendKind::FuseLoop,
-        odd as Arc<dyn BlockDevice>,
-        AttachOptions::new("odd", &run_dir),
-    )
-    .await
-    .unwrap_err();
+    let err = attach(FrontendKind::FuseLoop, odd as Arc<dyn BlockDevice>, AttachOptions::new("odd", &run_dir))
+        .await
+        .unwrap_err();
     assert!(matches!(err, FrontendError::InvalidArgument(_)), "{err}");
     assert!(!run_dir.join("fuse/odd").exists());
 
     // No nbd driver here: a clear Unavailable error.
     if !Path::new("/sys/module/nbd").exists() {
-        let err = attach(
-            FrontendKind::KernelNbd,
-            dev as Arc<dyn BlockDevice>,
-            AttachOptions::new("nbd-vol", &run_dir),
-        )
-        .await
-        .unwrap_err();
-        assert!(
-            matches!(
-                err,
-                FrontendError::Unavailable {
-                    kind: FrontendKind::KernelNbd,
-                    ..
-                }
-            ),
-            "{err}"
-        );
+        let err = attach(FrontendKind::KernelNbd, dev as Arc<dyn BlockDevice>, AttachOptions::new("nbd-vol", &run_dir))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, FrontendError::Unavailable { kind: FrontendKind::KernelNbd, .. }), "{err}");
         assert_eq!(volumed_frontend::detect(), FrontendKind::FuseLoop);
     }
 }
@@ -448,53 +355,32 @@ async fn readonly_attach_refuses_writes() {
     let run_dir = tmp.path().join("run");
     let dev = FileDevice::create(tmp.path(), 64 * MIB);
     std::os::unix::fs::FileExt::write_all_at(
-        &std::fs::OpenOptions::new()
-            .write(true)
-            .open(&dev.path)
-            .unwrap(),
+        &std::fs::OpenOptions::new().write(true).open(&dev.path).unwrap(),
         &pattern(9, 4096),
         0,
     )
     .unwrap();
     let mut opts = AttachOptions::new("ro-vol", &run_dir);
     opts.readonly = true;
-    let d = attach(
-        FrontendKind::FuseLoop,
-        dev.clone() as Arc<dyn BlockDevice>,
-        opts,
-    )
-    .await
-    .unwrap();
+    let d = attach(FrontendKind::FuseLoop, dev.clone() as Arc<dyn BlockDevice>, opts).await.unwrap();
     let mut g = DeviceGuard(Some(d));
     let loop_dev = g.dev().device_path().to_path_buf();
     let writes = dev.writes.load(Ordering::SeqCst);
     tokio::task::block_in_place(|| {
-        assert_eq!(
-            run_ok(Command::new("blockdev").arg("--getro").arg(&loop_dev)).trim(),
-            "1"
-        );
+        assert_eq!(run_ok(Command::new("blockdev").arg("--getro").arg(&loop_dev)).trim(), "1");
         let out = run(Command::new("dd")
             .args(["if=/dev/zero", "bs=4k", "count=1", "oflag=direct"])
             .arg(format!("of={}", loop_dev.display())));
         assert!(!out.status.success());
-        let back = run_ok(Command::new("sh").arg("-c").arg(format!(
-            "dd if={} bs=4k count=1 iflag=direct status=none | sha256sum",
-            loop_dev.display()
-        )));
-        let want = run_ok(
+        let back = run_ok(
             Command::new("sh")
                 .arg("-c")
-                .arg(format!("head -c 4096 {} | sha256sum", dev.path.display())),
+                .arg(format!("dd if={} bs=4k count=1 iflag=direct status=none | sha256sum", loop_dev.display())),
         );
+        let want = run_ok(Command::new("sh").arg("-c").arg(format!("head -c 4096 {} | sha256sum", dev.path.display())));
         assert_eq!(back, want);
-        let err = std::fs::OpenOptions::new()
-            .write(true)
-            .open(g.dev().backing_file().unwrap())
-            .unwrap_err();
-        assert!(
-            matches!(err.raw_os_error(), Some(libc::EROFS) | Some(libc::EACCES)),
-            "{err}"
-        );
+        let err = std::fs::OpenOptions::new().write(true).open(g.dev().backing_file().unwrap()).unwrap_err();
+        assert!(matches!(err.raw_os_error(), Some(libc::EROFS) | Some(libc::EACCES)), "{err}");
     });
     assert_eq!(dev.writes.load(Ordering::SeqCst), writes);
     g.detach().await;
@@ -506,13 +392,9 @@ async fn dropping_without_detach_cleans_up() {
     let tmp = tempfile::tempdir().unwrap();
     let run_dir = tmp.path().join("run");
     let dev = FileDevice::create(tmp.path(), 64 * MIB);
-    let d = attach(
-        FrontendKind::FuseLoop,
-        dev as Arc<dyn BlockDevice>,
-        AttachOptions::new("drop-vol", &run_dir),
-    )
-    .await
-    .unwrap();
+    let d = attach(FrontendKind::FuseLoop, dev as Arc<dyn BlockDevice>, AttachOptions::new("drop-vol", &run_dir))
+        .await
+        .unwrap();
     let loop_dev = d.device_path().to_path_buf();
     tokio::task::block_in_place(|| {
         run_ok(

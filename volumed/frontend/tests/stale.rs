@@ -25,13 +25,10 @@ async fn hold_attached_child() {
     };
     let dir = PathBuf::from(dir);
     let dev = FileDevice::create(&dir, 64 << 20);
-    let d = attach(
-        FrontendKind::FuseLoop,
-        dev as Arc<dyn BlockDevice>,
-        AttachOptions::new("crash-vol", dir.join("run")),
-    )
-    .await
-    .unwrap();
+    let d =
+        attach(FrontendKind::FuseLoop, dev as Arc<dyn BlockDevice>, AttachOptions::new("crash-vol", dir.join("run")))
+            .await
+            .unwrap();
     let ready = dir.join("ready.tmp");
     std::fs::write(&ready, d.device_path().to_str().unwrap()).unwrap();
     std::fs::rename(&ready, dir.join("ready")).unwrap();
@@ -86,25 +83,17 @@ fn recovers_an_unused_device_after_a_crash() {
 
     let found = recover_stale(&run_dir);
     eprintln!("recover_stale found: {found:?}");
-    let ours: Vec<_> = found
-        .iter()
-        .filter(|s| s.volume_id == "crash-vol")
-        .collect();
+    let ours: Vec<_> = found.iter().filter(|s| s.volume_id == "crash-vol").collect();
     assert_eq!(ours.len(), 1, "{found:?}");
     let s = ours[0];
     assert_eq!(s.kind, FrontendKind::FuseLoop);
-    assert!(
-        s.fuse_mountpoint.is_some(),
-        "the dead FUSE mount was not found: {s:?}"
-    );
+    assert!(s.fuse_mountpoint.is_some(), "the dead FUSE mount was not found: {s:?}");
     assert!(!s.in_use);
     assert!(s.cleaned, "{s:?}");
     assert_nothing_left(&run_dir, "crash-vol", &loop_dev);
 
     // Idempotent: a second pass finds nothing.
-    assert!(recover_stale(&run_dir)
-        .iter()
-        .all(|s| s.volume_id != "crash-vol"));
+    assert!(recover_stale(&run_dir).iter().all(|s| s.volume_id != "crash-vol"));
 }
 
 #[test]
@@ -118,10 +107,7 @@ fn reports_a_device_still_mounted_after_a_crash() {
 
     let found = recover_stale(&run_dir);
     eprintln!("recover_stale found: {found:?}");
-    let s = found
-        .iter()
-        .find(|s| s.volume_id == "crash-vol")
-        .unwrap_or_else(|| panic!("not found: {found:?}"));
+    let s = found.iter().find(|s| s.volume_id == "crash-vol").unwrap_or_else(|| panic!("not found: {found:?}"));
     assert_eq!(s.device_path.as_deref(), Some(loop_dev.as_path()));
     assert!(s.in_use, "{s:?}");
     assert!(!s.cleaned);
@@ -133,15 +119,11 @@ fn reports_a_device_still_mounted_after_a_crash() {
     let deadline = Instant::now() + Duration::from_secs(10);
     let name = loop_dev.file_name().unwrap().to_str().unwrap().to_string();
     loop {
-        let backing = std::fs::read_to_string(format!("/sys/block/{name}/loop/backing_file"))
-            .unwrap_or_default();
+        let backing = std::fs::read_to_string(format!("/sys/block/{name}/loop/backing_file")).unwrap_or_default();
         if !backing.contains(run_dir.to_str().unwrap()) {
             break;
         }
-        assert!(
-            Instant::now() < deadline,
-            "loop device still bound to {backing}"
-        );
+        assert!(Instant::now() < deadline, "loop device still bound to {backing}");
         std::thread::sleep(Duration::from_millis(50));
     }
     assert_nothing_left(&run_dir, "crash-vol", &loop_dev);

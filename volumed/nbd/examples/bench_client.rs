@@ -76,11 +76,6 @@ async fn main() {
         let _ = w.await;
     }
     let n = done.load(Ordering::Relaxed);
-    println!(
-        "{} {}: {:.0} IOPS (QD {qd})",
-        args[1],
-        args[3],
-        n as f64 / secs as f64
-    );
+    println!("{} {}: {:.0} IOPS (QD {qd})", args[1], args[3], n as f64 / secs as f64);
     client.close().await;
 }

@@ -33,13 +33,8 @@ async fn main() {
         }
     };
     eprintln!("serving {} as {export:?} on {}", args[1], args[2]);
-    serve(
-        listener,
-        Arc::new(exports),
-        ServerOptions::default(),
-        async {
-            let _ = tokio::signal::ctrl_c().await;
-        },
-    )
+    serve(listener, Arc::new(exports), ServerOptions::default(), async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
     .await;
 }

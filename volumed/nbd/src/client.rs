@@ -141,11 +141,7 @@ pub enum ConnectError {
     #[error("export name {0:?} is longer than 4096 bytes")]
     BadExportName(String),
     #[error("could not open NBD export {export:?} within {waited:?}: {last_error}")]
-    GaveUp {
-        export: String,
-        waited: Duration,
-        last_error: String,
-    },
+    GaveUp { export: String, waited: Duration, last_error: String },
 }
 
 /// A request waiting for its reply.
@@ -174,24 +170,12 @@ pub(crate) struct Outgoing {
 
 impl Outgoing {
     fn of(p: &Pending) -> Outgoing {
-        Outgoing {
-            header: p.req.encode(),
-            payload: p.payload.clone(),
-        }
+        Outgoing { header: p.req.encode(), payload: p.payload.clone() }
     }
 
     fn disconnect() -> Outgoing {
-        let req = Request {
-            flags: 0,
-            command: CMD_DISC,
-            handle: 0,
-            offset: 0,
-            length: 0,
-        };
-        Outgoing {
-            header: req.encode(),
-            payload: None,
-        }
+        let req = Request { flags: 0, command: CMD_DISC, handle: 0, offset: 0, length: 0 };
+        Outgoing { header: req.encode(), payload: None }
     }
 }
 
@@ -282,8 +266,7 @@ impl Shared {
             None => (4096, MAX_REQUEST_LEN),
         };
         let max = max.clamp(MIN_BLOCK_SIZE, MAX_REQUEST_LEN);
-        self.preferred_block
-            .store(preferred.clamp(MIN_BLOCK_SIZE, max), Ordering::Relaxed);
+        self.preferred_block.store(preferred.clamp(MIN_BLOCK_SIZE, max), Ordering::Relaxed);
         self.max_request.store(max, Ordering::Relaxed);
     }
 
@@ -323,10 +306,8 @@ impl NbdClient {
         if export.len() > MAX_STRING_LEN {
             return Err(ConnectError::BadExportName(export));
         }
-        let (state, _) = watch::channel(ClientState::Reconnecting {
-            since: Instant::now(),
-            last_error: "not connected yet".into(),
-        });
+        let (state, _) =
+            watch::channel(ClientState::Reconnecting { since: Instant::now(), last_error: "not connected yet".into() });
         let shared = Arc::new(Shared {
             export,
             endpoints,
@@ -365,10 +346,7 @@ impl NbdClient {
                             last_error: e,
                         });
                     }
-                    shared.set_state(ClientState::Reconnecting {
-                        since: started,
-                        last_error: e,
-                    });
+                    shared.set_state(ClientState::Reconnecting { since: started, last_error: e });
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(shared.opts.backoff_max);
                 }
@@ -377,10 +355,7 @@ impl NbdClient {
         shared.apply_geometry(&first.geometry);
         shared.set_state(ClientState::Connected { addr: first.addr });
         let supervisor = tokio::spawn(connection::supervise(shared.clone(), first));
-        Ok(Arc::new(NbdClient {
-            shared,
-            supervisor: Mutex::new(Some(supervisor)),
-        }))
+        Ok(Arc::new(NbdClient { shared, supervisor: Mutex::new(Some(supervisor)) }))
     }
 
     pub fn export(&self) -> &str {
@@ -431,25 +406,16 @@ impl NbdClient {
         }
         let mut errors = Vec::new();
         for addr in addrs {
-            match tokio::time::timeout(sh.opts.connect_timeout, handshake::query(addr, &sh.export))
-                .await
-            {
+            match tokio::time::timeout(sh.opts.connect_timeout, handshake::query(addr, &sh.export)).await {
                 Ok(Ok(g)) => {
                     sh.size.store(g.size, Ordering::Relaxed);
                     return Ok(g.size);
                 }
                 Ok(Err(e)) => errors.push(format!("{addr}: {e}")),
-                Err(_) => errors.push(format!(
-                    "{addr}: no answer within {:?}",
-                    sh.opts.connect_timeout
-                )),
+                Err(_) => errors.push(format!("{addr}: no answer within {:?}", sh.opts.connect_timeout)),
             }
         }
-        Err(BlockError::Unavailable(format!(
-            "cannot query the size of {:?}: {}",
-            sh.export,
-            errors.join("; ")
-        )))
+        Err(BlockError::Unavailable(format!("cannot query the size of {:?}: {}", sh.export, errors.join("; "))))
     }
 
     /// Waits (up to the I/O timeout) for requests in flight, sends
@@ -475,16 +441,9 @@ impl NbdClient {
             }
         }
         sh.close.notify_one();
-        let handle = self
-            .supervisor
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
+        let handle = self.supervisor.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(mut handle) = handle {
-            if tokio::time::timeout(sh.opts.connect_timeout, &mut handle)
-                .await
-                .is_err()
-            {
+            if tokio::time::timeout(sh.opts.connect_timeout, &mut handle).await.is_err() {
                 handle.abort();
             }
         }
@@ -522,20 +481,8 @@ impl NbdClient {
             }
             let handle = inner.next_handle;
             inner.next_handle += 1;
-            let req = Request {
-                flags,
-                command,
-                handle,
-                offset,
-                length,
-            };
-            let mut p = Pending {
-                req,
-                payload,
-                done: Some(tx),
-                sent_on: 0,
-                sent_at: Instant::now(),
-            };
+            let req = Request { flags, command, handle, offset, length };
+            let mut p = Pending { req, payload, done: Some(tx), sent_on: 0, sent_at: Instant::now() };
             if let Some(live) = &inner.live {
                 if live.tx.send(Outgoing::of(&p)).is_ok() {
                     p.sent_on = live.epoch;
@@ -597,10 +544,7 @@ impl NbdClient {
         if len == 0 {
             return Err(BlockError::Invalid("zero-length request".into()));
         }
-        offset
-            .checked_add(len)
-            .map(|_| ())
-            .ok_or(BlockError::OutOfRange)
+        offset.checked_add(len).map(|_| ()).ok_or(BlockError::OutOfRange)
     }
 
     /// Pieces of at most `chunk` bytes covering `len` bytes from `offset`.
@@ -641,8 +585,7 @@ impl NbdClient {
         let cmd_flags = if native_fua { CMD_FLAG_FUA } else { 0 };
         let chunk = self.max_request();
         if len <= chunk.into() {
-            self.submit(CMD_WRITE, cmd_flags, offset, len as u32, Some(data))
-                .await?;
+            self.submit(CMD_WRITE, cmd_flags, offset, len as u32, Some(data)).await?;
         } else {
             stream::iter(Self::pieces(offset, len, chunk.into()))
                 .map(|(off, l)| {
@@ -668,13 +611,7 @@ impl NbdClient {
         self.submit(CMD_FLUSH, 0, 0, 0, None).await.map(|_| ())
     }
 
-    async fn zeroes_impl(
-        &self,
-        offset: u64,
-        len: u64,
-        fua: bool,
-        may_trim: bool,
-    ) -> Result<(), BlockError> {
+    async fn zeroes_impl(&self, offset: u64, len: u64, fua: bool, may_trim: bool) -> Result<(), BlockError> {
         if self.read_only() {
             return Err(BlockError::ReadOnly);
         }
@@ -715,12 +652,7 @@ impl NbdClient {
 
 impl Drop for NbdClient {
     fn drop(&mut self) {
-        if let Some(handle) = self
-            .supervisor
-            .get_mut()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-        {
+        if let Some(handle) = self.supervisor.get_mut().unwrap_or_else(|e| e.into_inner()).take() {
             handle.abort();
         }
     }
@@ -728,10 +660,7 @@ impl Drop for NbdClient {
 
 impl std::fmt::Debug for NbdClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NbdClient")
-            .field("export", &self.shared.export)
-            .field("state", &self.state())
-            .finish()
+        f.debug_struct("NbdClient").field("export", &self.shared.export).field("state", &self.state()).finish()
     }
 }
 
@@ -766,13 +695,7 @@ impl BlockDevice for NbdClient {
         Box::pin(self.zeroes_impl(offset, len, fua, true))
     }
 
-    fn write_zeroes(
-        &self,
-        offset: u64,
-        len: u64,
-        fua: bool,
-        may_trim: bool,
-    ) -> BoxFuture<'_, Result<(), BlockError>> {
+    fn write_zeroes(&self, offset: u64, len: u64, fua: bool, may_trim: bool) -> BoxFuture<'_, Result<(), BlockError>> {
         Box::pin(self.zeroes_impl(offset, len, fua, may_trim))
     }
 }
@@ -781,11 +704,7 @@ impl BlockDevice for NbdClient {
 /// [`BlockError::from_nbd_errno`], except that EINVAL or ENOSPC for a range
 /// past the known end of the device is [`BlockError::OutOfRange`].
 fn reply_error(errno: u32, req: &Request, size: u64) -> BlockError {
-    let past_end = req.command != CMD_FLUSH
-        && req
-            .offset
-            .checked_add(req.length.into())
-            .is_none_or(|end| end > size);
+    let past_end = req.command != CMD_FLUSH && req.offset.checked_add(req.length.into()).is_none_or(|end| end > size);
     match errno {
         NBD_EINVAL | NBD_ENOSPC if past_end => BlockError::OutOfRange,
         other => BlockError::from_nbd_errno(other),

@@ -117,13 +117,7 @@ pub trait BlockDevice: Send + Sync + 'static {
     /// Discard a range: it reads as zeros afterwards and its space is freed.
     fn trim(&self, offset: u64, len: u64, fua: bool) -> BoxFuture<'_, Result<(), BlockError>>;
     /// Write zeros; `may_trim` allows freeing the space (NBD without NO_HOLE).
-    fn write_zeroes(
-        &self,
-        offset: u64,
-        len: u64,
-        fua: bool,
-        may_trim: bool,
-    ) -> BoxFuture<'_, Result<(), BlockError>>;
+    fn write_zeroes(&self, offset: u64, len: u64, fua: bool, may_trim: bool) -> BoxFuture<'_, Result<(), BlockError>>;
 }
 
 /// One entry of an export listing (NBD_OPT_LIST).

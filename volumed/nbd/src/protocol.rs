@@ -148,20 +148,14 @@ pub enum ProtocolError {
 fn be_u16(b: &[u8], at: usize) -> Result<u16, ProtocolError> {
     match b.get(at..at + 2) {
         Some(s) => Ok(u16::from_be_bytes([s[0], s[1]])),
-        None => Err(ProtocolError::Truncated {
-            need: at + 2,
-            have: b.len(),
-        }),
+        None => Err(ProtocolError::Truncated { need: at + 2, have: b.len() }),
     }
 }
 
 fn be_u32(b: &[u8], at: usize) -> Result<u32, ProtocolError> {
     match b.get(at..at + 4) {
         Some(s) => Ok(u32::from_be_bytes([s[0], s[1], s[2], s[3]])),
-        None => Err(ProtocolError::Truncated {
-            need: at + 4,
-            have: b.len(),
-        }),
+        None => Err(ProtocolError::Truncated { need: at + 4, have: b.len() }),
     }
 }
 
@@ -172,10 +166,7 @@ fn be_u64(b: &[u8], at: usize) -> Result<u64, ProtocolError> {
             a.copy_from_slice(s);
             Ok(u64::from_be_bytes(a))
         }
-        None => Err(ProtocolError::Truncated {
-            need: at + 8,
-            have: b.len(),
-        }),
+        None => Err(ProtocolError::Truncated { need: at + 8, have: b.len() }),
     }
 }
 
@@ -204,22 +195,14 @@ pub fn encode_greeting(handshake_flags: u16) -> [u8; GREETING_LEN] {
 pub fn decode_greeting(b: &[u8]) -> Result<u16, ProtocolError> {
     let magic = be_u64(b, 0)?;
     if magic != NBDMAGIC {
-        return Err(ProtocolError::BadMagic {
-            expected: NBDMAGIC,
-            found: magic,
-        });
+        return Err(ProtocolError::BadMagic { expected: NBDMAGIC, found: magic });
     }
     let second = be_u64(b, 8)?;
     if second == OLDSTYLE_MAGIC {
-        return Err(ProtocolError::Malformed(
-            "oldstyle negotiation is not supported",
-        ));
+        return Err(ProtocolError::Malformed("oldstyle negotiation is not supported"));
     }
     if second != IHAVEOPT {
-        return Err(ProtocolError::BadMagic {
-            expected: IHAVEOPT,
-            found: second,
-        });
+        return Err(ProtocolError::BadMagic { expected: IHAVEOPT, found: second });
     }
     be_u16(b, 16)
 }
@@ -236,15 +219,9 @@ pub struct OptionHeader {
 pub fn decode_option_header(b: &[u8]) -> Result<OptionHeader, ProtocolError> {
     let magic = be_u64(b, 0)?;
     if magic != IHAVEOPT {
-        return Err(ProtocolError::BadMagic {
-            expected: IHAVEOPT,
-            found: magic,
-        });
+        return Err(ProtocolError::BadMagic { expected: IHAVEOPT, found: magic });
     }
-    Ok(OptionHeader {
-        option: be_u32(b, 8)?,
-        length: be_u32(b, 12)?,
-    })
+    Ok(OptionHeader { option: be_u32(b, 8)?, length: be_u32(b, 12)? })
 }
 
 /// A whole option request (header and data).
@@ -268,27 +245,18 @@ pub struct InfoRequest {
 pub fn decode_info_request(b: &[u8]) -> Result<InfoRequest, ProtocolError> {
     let name_len = be_u32(b, 0)? as usize;
     if name_len > MAX_STRING_LEN {
-        return Err(ProtocolError::Malformed(
-            "export name longer than 4096 bytes",
-        ));
+        return Err(ProtocolError::Malformed("export name longer than 4096 bytes"));
     }
     let name_end = 4 + name_len;
     let name = match b.get(4..name_end) {
         Some(n) => utf8_string(n)?,
-        None => {
-            return Err(ProtocolError::Truncated {
-                need: name_end,
-                have: b.len(),
-            })
-        }
+        None => return Err(ProtocolError::Truncated { need: name_end, have: b.len() }),
     };
     let count = be_u16(b, name_end)? as usize;
     let list_start = name_end + 2;
     let expected = list_start + 2 * count;
     if b.len() != expected {
-        return Err(ProtocolError::Malformed(
-            "info request length does not match its contents",
-        ));
+        return Err(ProtocolError::Malformed("info request length does not match its contents"));
     }
     let mut requests = Vec::with_capacity(count);
     for i in 0..count {
@@ -336,16 +304,9 @@ pub fn encode_option_reply(out: &mut BytesMut, option: u32, reply_type: u32, dat
 pub fn decode_option_reply_header(b: &[u8]) -> Result<OptionReplyHeader, ProtocolError> {
     let magic = be_u64(b, 0)?;
     if magic != OPTION_REPLY_MAGIC {
-        return Err(ProtocolError::BadMagic {
-            expected: OPTION_REPLY_MAGIC,
-            found: magic,
-        });
+        return Err(ProtocolError::BadMagic { expected: OPTION_REPLY_MAGIC, found: magic });
     }
-    Ok(OptionReplyHeader {
-        option: be_u32(b, 8)?,
-        reply_type: be_u32(b, 12)?,
-        length: be_u32(b, 16)?,
-    })
+    Ok(OptionReplyHeader { option: be_u32(b, 8)?, reply_type: be_u32(b, 12)?, length: be_u32(b, 16)? })
 }
 
 /// Payload of one NBD_REP_INFO reply.
@@ -382,11 +343,7 @@ pub fn encode_info(info: &Info) -> Vec<u8> {
             out.extend_from_slice(&INFO_DESCRIPTION.to_be_bytes());
             out.extend_from_slice(d.as_bytes());
         }
-        Info::BlockSize {
-            min,
-            preferred,
-            max,
-        } => {
+        Info::BlockSize { min, preferred, max } => {
             out.extend_from_slice(&INFO_BLOCK_SIZE.to_be_bytes());
             out.extend_from_slice(&min.to_be_bytes());
             out.extend_from_slice(&preferred.to_be_bytes());
@@ -404,28 +361,19 @@ pub fn decode_info(b: &[u8]) -> Result<Info, ProtocolError> {
         if body.len() == n {
             Ok(())
         } else {
-            Err(ProtocolError::Malformed(
-                "NBD_REP_INFO payload has the wrong length",
-            ))
+            Err(ProtocolError::Malformed("NBD_REP_INFO payload has the wrong length"))
         }
     };
     match kind {
         INFO_EXPORT => {
             exact(10)?;
-            Ok(Info::Export {
-                size: be_u64(body, 0)?,
-                flags: be_u16(body, 8)?,
-            })
+            Ok(Info::Export { size: be_u64(body, 0)?, flags: be_u16(body, 8)? })
         }
         INFO_NAME => Ok(Info::Name(utf8_string(body)?)),
         INFO_DESCRIPTION => Ok(Info::Description(utf8_string(body)?)),
         INFO_BLOCK_SIZE => {
             exact(12)?;
-            Ok(Info::BlockSize {
-                min: be_u32(body, 0)?,
-                preferred: be_u32(body, 4)?,
-                max: be_u32(body, 8)?,
-            })
+            Ok(Info::BlockSize { min: be_u32(body, 0)?, preferred: be_u32(body, 4)?, max: be_u32(body, 8)? })
         }
         other => Ok(Info::Other(other)),
     }
@@ -444,14 +392,8 @@ pub fn decode_server_entry(b: &[u8]) -> Result<ExportInfo, ProtocolError> {
     let name_len = be_u32(b, 0)? as usize;
     let name_end = 4usize.saturating_add(name_len);
     match b.get(4..name_end) {
-        Some(n) => Ok(ExportInfo {
-            name: utf8_string(n)?,
-            description: utf8_string(&b[name_end..])?,
-        }),
-        None => Err(ProtocolError::Truncated {
-            need: name_end,
-            have: b.len(),
-        }),
+        Some(n) => Ok(ExportInfo { name: utf8_string(n)?, description: utf8_string(&b[name_end..])? }),
+        None => Err(ProtocolError::Truncated { need: name_end, have: b.len() }),
     }
 }
 
@@ -516,10 +458,7 @@ impl Request {
     pub fn decode(b: &[u8]) -> Result<Request, ProtocolError> {
         let magic = be_u32(b, 0)?;
         if magic != REQUEST_MAGIC {
-            return Err(ProtocolError::BadMagic {
-                expected: REQUEST_MAGIC.into(),
-                found: magic.into(),
-            });
+            return Err(ProtocolError::BadMagic { expected: REQUEST_MAGIC.into(), found: magic.into() });
         }
         Ok(Request {
             flags: be_u16(b, 4)?,
@@ -556,20 +495,12 @@ impl SimpleReply {
     pub fn decode(b: &[u8]) -> Result<SimpleReply, ProtocolError> {
         let magic = be_u32(b, 0)?;
         if magic == STRUCTURED_REPLY_MAGIC {
-            return Err(ProtocolError::Malformed(
-                "structured reply received but never negotiated",
-            ));
+            return Err(ProtocolError::Malformed("structured reply received but never negotiated"));
         }
         if magic != SIMPLE_REPLY_MAGIC {
-            return Err(ProtocolError::BadMagic {
-                expected: SIMPLE_REPLY_MAGIC.into(),
-                found: magic.into(),
-            });
+            return Err(ProtocolError::BadMagic { expected: SIMPLE_REPLY_MAGIC.into(), found: magic.into() });
         }
-        Ok(SimpleReply {
-            error: be_u32(b, 4)?,
-            handle: be_u64(b, 8)?,
-        })
+        Ok(SimpleReply { error: be_u32(b, 4)?, handle: be_u64(b, 8)? })
     }
 }
 
@@ -645,19 +576,11 @@ impl BlockError {
             NBD_EPERM => BlockError::ReadOnly,
             NBD_EIO => BlockError::Io("the NBD server reported an I/O error (EIO)".into()),
             NBD_ENOMEM => BlockError::Io("the NBD server is out of memory (ENOMEM)".into()),
-            NBD_EINVAL => {
-                BlockError::Invalid("the NBD server rejected the request (EINVAL)".into())
-            }
+            NBD_EINVAL => BlockError::Invalid("the NBD server rejected the request (EINVAL)".into()),
             NBD_ENOSPC => BlockError::NoSpace,
-            NBD_EOVERFLOW => {
-                BlockError::Invalid("request too large for the NBD server (EOVERFLOW)".into())
-            }
-            NBD_ENOTSUP => {
-                BlockError::Invalid("operation not supported by the NBD server (ENOTSUP)".into())
-            }
-            NBD_ESHUTDOWN => {
-                BlockError::Unavailable("the NBD server is shutting down (ESHUTDOWN)".into())
-            }
+            NBD_EOVERFLOW => BlockError::Invalid("request too large for the NBD server (EOVERFLOW)".into()),
+            NBD_ENOTSUP => BlockError::Invalid("operation not supported by the NBD server (ENOTSUP)".into()),
+            NBD_ESHUTDOWN => BlockError::Unavailable("the NBD server is shutting down (ESHUTDOWN)".into()),
             other => BlockError::Io(format!("the NBD server reported error {other}")),
         }
     }
@@ -670,32 +593,20 @@ mod tests {
 
     #[test]
     fn request_round_trip() {
-        let r = Request {
-            flags: CMD_FLAG_FUA,
-            command: CMD_WRITE,
-            handle: 0xdead_beef,
-            offset: 4096,
-            length: 512,
-        };
+        let r = Request { flags: CMD_FLAG_FUA, command: CMD_WRITE, handle: 0xdead_beef, offset: 4096, length: 512 };
         assert_eq!(Request::decode(&r.encode()), Ok(r));
     }
 
     #[test]
     fn reply_round_trip() {
-        let r = SimpleReply {
-            error: NBD_EINVAL,
-            handle: u64::MAX,
-        };
+        let r = SimpleReply { error: NBD_EINVAL, handle: u64::MAX };
         assert_eq!(SimpleReply::decode(&r.encode()), Ok(r));
     }
 
     #[test]
     fn greeting_round_trip() {
         let g = encode_greeting(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
-        assert_eq!(
-            decode_greeting(&g),
-            Ok(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES)
-        );
+        assert_eq!(decode_greeting(&g), Ok(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES));
     }
 
     #[test]
@@ -703,10 +614,7 @@ mod tests {
         let b = encode_info_request("vol-1", &[INFO_BLOCK_SIZE, INFO_NAME]);
         assert_eq!(
             decode_info_request(&b),
-            Ok(InfoRequest {
-                name: "vol-1".into(),
-                requests: vec![INFO_BLOCK_SIZE, INFO_NAME]
-            })
+            Ok(InfoRequest { name: "vol-1".into(), requests: vec![INFO_BLOCK_SIZE, INFO_NAME] })
         );
         let mut longer = b.clone();
         longer.push(0);
@@ -720,17 +628,10 @@ mod tests {
     #[test]
     fn infos_round_trip() {
         for info in [
-            Info::Export {
-                size: 1 << 40,
-                flags: TFLAG_HAS_FLAGS | TFLAG_SEND_FLUSH,
-            },
+            Info::Export { size: 1 << 40, flags: TFLAG_HAS_FLAGS | TFLAG_SEND_FLUSH },
             Info::Name("n".into()),
             Info::Description("d".into()),
-            Info::BlockSize {
-                min: 512,
-                preferred: 4096,
-                max: MAX_REQUEST_LEN,
-            },
+            Info::BlockSize { min: 512, preferred: 4096, max: MAX_REQUEST_LEN },
         ] {
             assert_eq!(decode_info(&encode_info(&info)), Ok(info));
         }
@@ -739,10 +640,7 @@ mod tests {
 
     #[test]
     fn server_entry_round_trip() {
-        let e = ExportInfo {
-            name: "a".into(),
-            description: "the a volume".into(),
-        };
+        let e = ExportInfo { name: "a".into(), description: "the a volume".into() };
         assert_eq!(decode_server_entry(&encode_server_entry(&e)), Ok(e));
     }
 
@@ -751,14 +649,7 @@ mod tests {
         let mut b = BytesMut::new();
         encode_option_reply(&mut b, OPT_GO, REP_ERR_UNKNOWN, b"no such export");
         let h = decode_option_reply_header(&b).unwrap();
-        assert_eq!(
-            h,
-            OptionReplyHeader {
-                option: OPT_GO,
-                reply_type: REP_ERR_UNKNOWN,
-                length: 14
-            }
-        );
+        assert_eq!(h, OptionReplyHeader { option: OPT_GO, reply_type: REP_ERR_UNKNOWN, length: 14 });
         assert_eq!(&b[OPTION_REPLY_HEADER_LEN..], b"no such export");
     }
 
@@ -769,35 +660,17 @@ mod tests {
         assert_eq!(BlockError::OutOfRange.nbd_errno_for(CMD_READ), NBD_EINVAL);
         assert_eq!(BlockError::OutOfRange.nbd_errno_for(CMD_TRIM), NBD_EINVAL);
         assert_eq!(BlockError::OutOfRange.nbd_errno_for(CMD_WRITE), NBD_ENOSPC);
-        assert_eq!(
-            BlockError::OutOfRange.nbd_errno_for(CMD_WRITE_ZEROES),
-            NBD_ENOSPC
-        );
+        assert_eq!(BlockError::OutOfRange.nbd_errno_for(CMD_WRITE_ZEROES), NBD_ENOSPC);
         assert_eq!(BlockError::ReadOnly.nbd_errno(), NBD_EPERM);
         assert_eq!(BlockError::NoSpace.nbd_errno(), NBD_ENOSPC);
         assert_eq!(BlockError::Invalid("x".into()).nbd_errno(), NBD_EINVAL);
-        assert_eq!(
-            BlockError::Unavailable("x".into()).nbd_errno(),
-            NBD_ESHUTDOWN
-        );
+        assert_eq!(BlockError::Unavailable("x".into()).nbd_errno(), NBD_ESHUTDOWN);
         assert_eq!(BlockError::from_nbd_errno(NBD_EPERM), BlockError::ReadOnly);
         assert_eq!(BlockError::from_nbd_errno(NBD_ENOSPC), BlockError::NoSpace);
-        assert!(matches!(
-            BlockError::from_nbd_errno(NBD_ESHUTDOWN),
-            BlockError::Unavailable(_)
-        ));
-        assert!(matches!(
-            BlockError::from_nbd_errno(NBD_EINVAL),
-            BlockError::Invalid(_)
-        ));
-        assert!(matches!(
-            BlockError::from_nbd_errno(NBD_EIO),
-            BlockError::Io(_)
-        ));
-        assert!(matches!(
-            BlockError::from_nbd_errno(9999),
-            BlockError::Io(_)
-        ));
+        assert!(matches!(BlockError::from_nbd_errno(NBD_ESHUTDOWN), BlockError::Unavailable(_)));
+        assert!(matches!(BlockError::from_nbd_errno(NBD_EINVAL), BlockError::Invalid(_)));
+        assert!(matches!(BlockError::from_nbd_errno(NBD_EIO), BlockError::Io(_)));
+        assert!(matches!(BlockError::from_nbd_errno(9999), BlockError::Io(_)));
     }
 
     proptest! {

@@ -114,10 +114,7 @@ pub async fn serve(
     let opts = Arc::new(opts);
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut connections = JoinSet::new();
-    let local = listener
-        .local_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_default();
+    let local = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -148,10 +145,7 @@ pub async fn serve(
     drop(listener);
     let _ = stop_tx.send(true);
     let grace = opts.shutdown_grace + opts.shutdown_grace / 2;
-    let drained = tokio::time::timeout(grace, async {
-        while connections.join_next().await.is_some() {}
-    })
-    .await;
+    let drained = tokio::time::timeout(grace, async { while connections.join_next().await.is_some() {} }).await;
     if drained.is_err() {
         warn!(listen = %local, remaining = connections.len(), "connections did not finish in time; cutting them");
     }
@@ -197,11 +191,7 @@ where
     async move {
         let started = Instant::now();
         let (r, w) = tokio::io::split(stream);
-        let mut summary = ConnectionSummary {
-            export: Some(export),
-            peer,
-            ..Default::default()
-        };
+        let mut summary = ConnectionSummary { export: Some(export), peer, ..Default::default() };
         let reader = BufReader::with_capacity(READ_BUFFER, r);
         transmission::run(reader, w, device, opts, shutdown, &mut summary).await;
         summary.duration = started.elapsed();
@@ -227,10 +217,7 @@ where
     let span = tracing::info_span!("nbd_conn", %peer, export = tracing::field::Empty);
     async move {
         let started = Instant::now();
-        let mut summary = ConnectionSummary {
-            peer,
-            ..Default::default()
-        };
+        let mut summary = ConnectionSummary { peer, ..Default::default() };
         let mut reader = BufReader::with_capacity(READ_BUFFER, r);
         tokio::pin!(shutdown);
         let negotiated = tokio::select! {
@@ -252,10 +239,8 @@ where
             Ok(Ok(handshake::Outcome::Ended)) => {}
             Ok(Err(e)) => summary.end = e.into_end(),
             Err(_) => {
-                summary.end = ConnectionEnd::ProtocolError(format!(
-                    "handshake not finished within {:?}",
-                    opts.handshake_timeout
-                ))
+                summary.end =
+                    ConnectionEnd::ProtocolError(format!("handshake not finished within {:?}", opts.handshake_timeout))
             }
         }
         summary.duration = started.elapsed();

@@ -21,10 +21,7 @@ pub(crate) async fn read_payload<R: AsyncRead + Unpin>(r: &mut R, len: usize) ->
         let want = len - buf.len();
         let n = r.read_buf(&mut (&mut buf).limit(want)).await?;
         if n == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "connection closed inside a payload",
-            ));
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed inside a payload"));
         }
     }
     Ok(buf.freeze())
@@ -34,10 +31,7 @@ pub(crate) async fn read_payload<R: AsyncRead + Unpin>(r: &mut R, len: usize) ->
 pub(crate) async fn discard<R: AsyncRead + Unpin>(r: &mut R, len: u64) -> io::Result<()> {
     let copied = tokio::io::copy(&mut r.take(len), &mut tokio::io::sink()).await?;
     if copied < len {
-        return Err(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            "connection closed inside a payload",
-        ));
+        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed inside a payload"));
     }
     Ok(())
 }
@@ -53,11 +47,7 @@ pub(crate) struct Batch {
 
 impl Batch {
     pub(crate) fn new() -> Batch {
-        Batch {
-            staging: BytesMut::with_capacity(64 << 10),
-            segments: Vec::with_capacity(64),
-            bytes: 0,
-        }
+        Batch { staging: BytesMut::with_capacity(64 << 10), segments: Vec::with_capacity(64), bytes: 0 }
     }
 
     #[cfg(test)]
@@ -118,10 +108,7 @@ impl Batch {
     }
 }
 
-async fn write_vectored_all<W: AsyncWrite + Unpin>(
-    w: &mut W,
-    segments: &mut [Bytes],
-) -> io::Result<()> {
+async fn write_vectored_all<W: AsyncWrite + Unpin>(w: &mut W, segments: &mut [Bytes]) -> io::Result<()> {
     let mut first = 0;
     while first < segments.len() {
         let n = {
@@ -134,10 +121,7 @@ async fn write_vectored_all<W: AsyncWrite + Unpin>(
             w.write_vectored(&iov[..count]).await?
         };
         if n == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::WriteZero,
-                "peer stopped accepting data",
-            ));
+            return Err(io::Error::new(io::ErrorKind::WriteZero, "peer stopped accepting data"));
         }
         let mut left = n;
         while left > 0 && first < segments.len() {
@@ -221,18 +205,12 @@ mod tests {
                     let hdr = i.to_be_bytes();
                     batch.push_slice(&hdr);
                     expected.extend_from_slice(&hdr);
-                    let payload: Vec<u8> = (0..(i as usize * 37 % 9000))
-                        .map(|j| (i as usize + j) as u8)
-                        .collect();
+                    let payload: Vec<u8> = (0..(i as usize * 37 % 9000)).map(|j| (i as usize + j) as u8).collect();
                     expected.extend_from_slice(&payload);
                     batch.push_payload(Bytes::from(payload));
                 }
                 assert_eq!(batch.len(), expected.len());
-                let mut w = Trickle {
-                    out: Vec::new(),
-                    chunk,
-                    vectored,
-                };
+                let mut w = Trickle { out: Vec::new(), chunk, vectored };
                 batch.write_to(&mut w).await.unwrap();
                 assert!(batch.is_empty());
                 assert_eq!(w.out, expected, "chunk {chunk} vectored {vectored}");

@@ -16,25 +16,12 @@ use volumed_nbd::BlockDevice;
 
 /// Feeds `input` to one server connection and returns once it ended.
 fn run_session(exports: Arc<Exports>, input: Vec<u8>) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(async move {
         let (client, server) = tokio::io::duplex(64 << 10);
-        let opts = ServerOptions {
-            handshake_timeout: Duration::from_secs(5),
-            ..Default::default()
-        };
+        let opts = ServerOptions { handshake_timeout: Duration::from_secs(5), ..Default::default() };
         let serving = tokio::spawn(async move {
-            serve_connection(
-                server,
-                "fuzz".into(),
-                exports,
-                &opts,
-                std::future::pending(),
-            )
-            .await
+            serve_connection(server, "fuzz".into(), exports, &opts, std::future::pending()).await
         });
         let (mut rd, mut wr) = tokio::io::split(client);
         let drain = tokio::spawn(async move {
@@ -48,18 +35,14 @@ fn run_session(exports: Arc<Exports>, input: Vec<u8>) {
             .expect("server connection did not end")
             .expect("server connection panicked");
         drop(wr);
-        let _ = tokio::time::timeout(Duration::from_secs(10), drain)
-            .await
-            .expect("server output did not end");
+        let _ = tokio::time::timeout(Duration::from_secs(10), drain).await.expect("server output did not end");
         assert!(summary.duration < Duration::from_secs(10));
     });
 }
 
 /// A valid handshake that opens `export`, for fuzzing the request parser.
 fn opening(export: &str) -> Vec<u8> {
-    let mut v = (FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES)
-        .to_be_bytes()
-        .to_vec();
+    let mut v = (FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes().to_vec();
     v.extend_from_slice(&encode_option(OPT_GO, &encode_info_request(export, &[])));
     v
 }
@@ -74,15 +57,7 @@ fn request_strategy() -> impl Strategy<Value = Vec<u8>> {
         prop_oneof![0u32..70000, any::<u32>()],
     )
         .prop_map(|(flags, command, handle, offset, length)| {
-            let mut v = Request {
-                flags,
-                command,
-                handle,
-                offset,
-                length,
-            }
-            .encode()
-            .to_vec();
+            let mut v = Request { flags, command, handle, offset, length }.encode().to_vec();
             if command == CMD_WRITE && length <= 70000 {
                 v.extend(std::iter::repeat_n(0x5a, length as usize));
             }
@@ -93,10 +68,7 @@ fn request_strategy() -> impl Strategy<Value = Vec<u8>> {
 fn fixture() -> (tempfile::TempDir, std::path::PathBuf, Arc<Exports>) {
     let dir = tempfile::tempdir().unwrap();
     let disk = make_file(dir.path(), "ro.img", 1 << 20, true);
-    let exports = Exports::with(vec![(
-        "ro",
-        FileDevice::open(&disk, true) as Arc<dyn BlockDevice>,
-    )]);
+    let exports = Exports::with(vec![("ro", FileDevice::open(&disk, true) as Arc<dyn BlockDevice>)]);
     (dir, disk, Arc::new(exports))
 }
 

@@ -32,27 +32,18 @@ impl Raw {
         let mut r = Raw::connect(addr).await;
         let mut g = [0u8; GREETING_LEN];
         r.s.read_exact(&mut g).await.unwrap();
-        assert_eq!(
-            decode_greeting(&g).unwrap(),
-            FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES
-        );
+        assert_eq!(decode_greeting(&g).unwrap(), FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
         r.s.write_all(&client_flags.to_be_bytes()).await.unwrap();
         r
     }
 
     async fn option(&mut self, option: u32, data: &[u8]) {
-        self.s
-            .write_all(&encode_option(option, data))
-            .await
-            .unwrap();
+        self.s.write_all(&encode_option(option, data)).await.unwrap();
     }
 
     async fn option_reply(&mut self) -> (OptionReplyHeader, Vec<u8>) {
         let mut h = [0u8; OPTION_REPLY_HEADER_LEN];
-        tokio::time::timeout(T, self.s.read_exact(&mut h))
-            .await
-            .unwrap()
-            .unwrap();
+        tokio::time::timeout(T, self.s.read_exact(&mut h)).await.unwrap().unwrap();
         let h = decode_option_reply_header(&h).unwrap();
         let mut data = vec![0u8; h.length as usize];
         self.s.read_exact(&mut data).await.unwrap();
@@ -62,8 +53,7 @@ impl Raw {
     /// NBD_OPT_GO to `export`; returns (size, flags).
     async fn go(addr: std::net::SocketAddr, export: &str) -> (Raw, u64, u16) {
         let mut r = Raw::greet(addr, FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).await;
-        r.option(OPT_GO, &encode_info_request(export, &[INFO_BLOCK_SIZE]))
-            .await;
+        r.option(OPT_GO, &encode_info_request(export, &[INFO_BLOCK_SIZE])).await;
         let mut export_info = None;
         loop {
             let (h, data) = r.option_reply().await;
@@ -81,45 +71,22 @@ impl Raw {
         (r, size, flags)
     }
 
-    async fn request(
-        &mut self,
-        command: u16,
-        flags: u16,
-        handle: u64,
-        offset: u64,
-        length: u32,
-        payload: &[u8],
-    ) {
+    async fn request(&mut self, command: u16, flags: u16, handle: u64, offset: u64, length: u32, payload: &[u8]) {
         let mut b = BytesMut::new();
-        b.extend_from_slice(
-            &Request {
-                flags,
-                command,
-                handle,
-                offset,
-                length,
-            }
-            .encode(),
-        );
+        b.extend_from_slice(&Request { flags, command, handle, offset, length }.encode());
         b.extend_from_slice(payload);
         self.s.write_all(&b).await.unwrap();
     }
 
     async fn reply(&mut self) -> SimpleReply {
         let mut h = [0u8; SIMPLE_REPLY_LEN];
-        tokio::time::timeout(T, self.s.read_exact(&mut h))
-            .await
-            .unwrap()
-            .unwrap();
+        tokio::time::timeout(T, self.s.read_exact(&mut h)).await.unwrap().unwrap();
         SimpleReply::decode(&h).unwrap()
     }
 
     async fn read_data(&mut self, len: usize) -> Vec<u8> {
         let mut d = vec![0u8; len];
-        tokio::time::timeout(T, self.s.read_exact(&mut d))
-            .await
-            .unwrap()
-            .unwrap();
+        tokio::time::timeout(T, self.s.read_exact(&mut d)).await.unwrap().unwrap();
         d
     }
 
@@ -128,10 +95,7 @@ impl Raw {
     async fn expect_closed(&mut self) {
         let mut buf = [0u8; 4096];
         loop {
-            match tokio::time::timeout(T, self.s.read(&mut buf))
-                .await
-                .expect("server did not close the connection")
-            {
+            match tokio::time::timeout(T, self.s.read(&mut buf)).await.expect("server did not close the connection") {
                 Ok(0) | Err(_) => return,
                 Ok(_) => continue,
             }
@@ -154,26 +118,13 @@ async fn fixture() -> Fixture {
     let disk = make_file(dir.path(), "vol.img", SIZE, true);
     let ro_disk = make_file(dir.path(), "ro.img", SIZE, true);
     let mut exports = Exports::with(vec![
-        (
-            "vol",
-            FileDevice::open(&disk, false) as Arc<dyn BlockDevice>,
-        ),
-        (
-            "ro",
-            FileDevice::open(&ro_disk, true) as Arc<dyn BlockDevice>,
-        ),
+        ("vol", FileDevice::open(&disk, false) as Arc<dyn BlockDevice>),
+        ("ro", FileDevice::open(&ro_disk, true) as Arc<dyn BlockDevice>),
     ]);
     exports.policy.insert("fenced".into());
     exports.unavailable.insert("leaderless".into());
     let server = TestServer::start(Arc::new(exports)).await;
-    Fixture {
-        before: file_bytes(&disk),
-        ro_before: file_bytes(&ro_disk),
-        _dir: dir,
-        disk,
-        ro_disk,
-        server,
-    }
+    Fixture { before: file_bytes(&disk), ro_before: file_bytes(&ro_disk), _dir: dir, disk, ro_disk, server }
 }
 
 impl Fixture {
@@ -191,14 +142,8 @@ impl Fixture {
     }
 
     fn unchanged(&self) {
-        assert!(
-            file_bytes(&self.disk) == self.before,
-            "the writable backing file changed"
-        );
-        assert!(
-            file_bytes(&self.ro_disk) == self.ro_before,
-            "the read-only backing file changed"
-        );
+        assert!(file_bytes(&self.disk) == self.before, "the writable backing file changed");
+        assert!(file_bytes(&self.ro_disk) == self.ro_before, "the read-only backing file changed");
     }
 }
 
@@ -208,9 +153,7 @@ async fn garbage_instead_of_client_flags_closes() {
     let mut r = Raw::connect(f.server.addr).await;
     let mut g = [0u8; GREETING_LEN];
     r.s.read_exact(&mut g).await.unwrap();
-    r.s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
+    r.s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
     r.expect_closed().await;
     f.still_serving().await;
     f.unchanged();
@@ -228,9 +171,7 @@ async fn client_without_fixed_newstyle_is_refused() {
 async fn garbage_option_magic_closes() {
     let f = fixture().await;
     let mut r = Raw::greet(f.server.addr, FLAG_C_FIXED_NEWSTYLE).await;
-    r.s.write_all(&[0xde, 0xad, 0xbe, 0xef, 0, 0, 0, 0, 0, 0, 0, 7, 0, 0, 0, 0])
-        .await
-        .unwrap();
+    r.s.write_all(&[0xde, 0xad, 0xbe, 0xef, 0, 0, 0, 0, 0, 0, 0, 7, 0, 0, 0, 0]).await.unwrap();
     r.expect_closed().await;
     f.still_serving().await;
     f.unchanged();
@@ -260,37 +201,17 @@ async fn option_errors_are_answered_and_haggling_continues() {
     let f = fixture().await;
     let mut r = Raw::greet(f.server.addr, FLAG_C_FIXED_NEWSTYLE).await;
 
-    for opt in [
-        0x1234u32,
-        OPT_STRUCTURED_REPLY,
-        OPT_STARTTLS,
-        OPT_LIST_META_CONTEXT,
-        OPT_EXTENDED_HEADERS,
-    ] {
+    for opt in [0x1234u32, OPT_STRUCTURED_REPLY, OPT_STARTTLS, OPT_LIST_META_CONTEXT, OPT_EXTENDED_HEADERS] {
         r.option(opt, &[]).await;
         let (h, msg) = r.option_reply().await;
-        assert_eq!(
-            (h.option, h.reply_type),
-            (opt, REP_ERR_UNSUP),
-            "{}",
-            String::from_utf8_lossy(&msg)
-        );
+        assert_eq!((h.option, h.reply_type), (opt, REP_ERR_UNSUP), "{}", String::from_utf8_lossy(&msg));
     }
 
     // Unknown, policy-refused and leaderless exports.
-    for (name, want) in [
-        ("nope", REP_ERR_UNKNOWN),
-        ("fenced", REP_ERR_POLICY),
-        ("leaderless", REP_ERR_SHUTDOWN),
-    ] {
+    for (name, want) in [("nope", REP_ERR_UNKNOWN), ("fenced", REP_ERR_POLICY), ("leaderless", REP_ERR_SHUTDOWN)] {
         r.option(OPT_GO, &encode_info_request(name, &[])).await;
         let (h, msg) = r.option_reply().await;
-        assert_eq!(
-            h.reply_type,
-            want,
-            "{name}: {}",
-            String::from_utf8_lossy(&msg)
-        );
+        assert_eq!(h.reply_type, want, "{name}: {}", String::from_utf8_lossy(&msg));
         assert!(String::from_utf8_lossy(&msg).contains(name));
     }
 
@@ -324,8 +245,7 @@ async fn option_errors_are_answered_and_haggling_continues() {
     assert_eq!(r.option_reply().await.0.reply_type, REP_ERR_TOO_BIG);
 
     // INFO then GO still work on the same connection.
-    r.option(OPT_INFO, &encode_info_request("vol", &[INFO_NAME]))
-        .await;
+    r.option(OPT_INFO, &encode_info_request("vol", &[INFO_NAME])).await;
     let mut saw_name = false;
     loop {
         let (h, data) = r.option_reply().await;
@@ -406,29 +326,22 @@ async fn bad_requests_get_errors_and_change_nothing() {
     // (command, flags, offset, length, payload, expected error)
     type Case<'a> = (u16, u16, u64, u32, &'a [u8], u32);
     let cases: Vec<Case> = vec![
-        (CMD_READ, 0, SIZE - 512, 1024, &[], NBD_EINVAL), // read past end
-        (CMD_READ, 0, u64::MAX - 10, 512, &[], NBD_EINVAL), // offset overflow
-        (CMD_WRITE, 0, SIZE - 1024, 4096, &junk, NBD_ENOSPC), // write past end
+        (CMD_READ, 0, SIZE - 512, 1024, &[], NBD_EINVAL),        // read past end
+        (CMD_READ, 0, u64::MAX - 10, 512, &[], NBD_EINVAL),      // offset overflow
+        (CMD_WRITE, 0, SIZE - 1024, 4096, &junk, NBD_ENOSPC),    // write past end
         (CMD_WRITE, 0, u64::MAX - 100, 4096, &junk, NBD_ENOSPC), // write offset overflow
-        (CMD_WRITE_ZEROES, 0, SIZE, 512, &[], NBD_ENOSPC), // zeroes past end
-        (CMD_TRIM, 0, SIZE - 512, 4096, &[], NBD_EINVAL), // trim past end
-        (CMD_READ, 0, 0, 0, &[], NBD_EINVAL),             // zero length
-        (CMD_WRITE, 0, 0, 0, &[], NBD_EINVAL),            // zero-length write
-        (CMD_TRIM, 0, 0, 0, &[], NBD_EINVAL),             // zero-length trim
-        (CMD_READ, 0, 0, (32 << 20) + 1, &[], NBD_EINVAL), // oversize read
-        (0x77, 0, 0, 512, &[], NBD_EINVAL),               // unknown command
-        (CMD_CACHE, 0, 0, 512, &[], NBD_EINVAL),          // not advertised
-        (CMD_BLOCK_STATUS, 0, 0, 512, &[], NBD_EINVAL),   // not negotiated
-        (CMD_WRITE, 0x4000, 0, 4096, &junk, NBD_EINVAL),  // unknown flag, payload skipped
+        (CMD_WRITE_ZEROES, 0, SIZE, 512, &[], NBD_ENOSPC),       // zeroes past end
+        (CMD_TRIM, 0, SIZE - 512, 4096, &[], NBD_EINVAL),        // trim past end
+        (CMD_READ, 0, 0, 0, &[], NBD_EINVAL),                    // zero length
+        (CMD_WRITE, 0, 0, 0, &[], NBD_EINVAL),                   // zero-length write
+        (CMD_TRIM, 0, 0, 0, &[], NBD_EINVAL),                    // zero-length trim
+        (CMD_READ, 0, 0, (32 << 20) + 1, &[], NBD_EINVAL),       // oversize read
+        (0x77, 0, 0, 512, &[], NBD_EINVAL),                      // unknown command
+        (CMD_CACHE, 0, 0, 512, &[], NBD_EINVAL),                 // not advertised
+        (CMD_BLOCK_STATUS, 0, 0, 512, &[], NBD_EINVAL),          // not negotiated
+        (CMD_WRITE, 0x4000, 0, 4096, &junk, NBD_EINVAL),         // unknown flag, payload skipped
         (CMD_WRITE, CMD_FLAG_NO_HOLE, 0, 4096, &junk, NBD_EINVAL), // NO_HOLE on write
-        (
-            CMD_WRITE_ZEROES,
-            CMD_FLAG_FAST_ZERO,
-            0,
-            4096,
-            &[],
-            NBD_ENOTSUP,
-        ), // fast zero never offered
+        (CMD_WRITE_ZEROES, CMD_FLAG_FAST_ZERO, 0, 4096, &[], NBD_ENOTSUP), // fast zero never offered
     ];
     for (i, (cmd, fl, off, len, payload, want)) in cases.iter().enumerate() {
         let handle = 1000 + i as u64;
@@ -449,8 +362,7 @@ async fn bad_requests_get_errors_and_change_nothing() {
     assert_ne!(flags & TFLAG_READ_ONLY, 0);
     r.request(CMD_WRITE, 0, 1, 0, 4096, &junk).await;
     assert_eq!(r.reply().await.error, NBD_EPERM);
-    r.request(CMD_WRITE, CMD_FLAG_FUA, 2, 8192, 4096, &junk)
-        .await;
+    r.request(CMD_WRITE, CMD_FLAG_FUA, 2, 8192, 4096, &junk).await;
     assert_eq!(r.reply().await.error, NBD_EPERM);
     r.request(CMD_TRIM, 0, 3, 0, 4096, &[]).await;
     assert_eq!(r.reply().await.error, NBD_EPERM);
@@ -467,8 +379,7 @@ async fn bad_requests_get_errors_and_change_nothing() {
 async fn oversize_write_is_refused_and_closes() {
     let f = fixture().await;
     let (mut r, _, _) = Raw::go(f.server.addr, "vol").await;
-    r.request(CMD_WRITE, 0, 42, 0, (32 << 20) + 512, &vec![1u8; 64 << 10])
-        .await;
+    r.request(CMD_WRITE, 0, 42, 0, (32 << 20) + 512, &vec![1u8; 64 << 10]).await;
     let rep = r.reply().await;
     assert_eq!((rep.handle, rep.error), (42, NBD_EINVAL));
     r.expect_closed().await;
@@ -499,27 +410,11 @@ async fn disconnect_waits_for_in_flight_requests() {
     let mut b = BytesMut::new();
     for i in 0..16u64 {
         b.extend_from_slice(
-            &Request {
-                flags: 0,
-                command: CMD_WRITE,
-                handle: i,
-                offset: i * 65536,
-                length: 65536,
-            }
-            .encode(),
+            &Request { flags: 0, command: CMD_WRITE, handle: i, offset: i * 65536, length: 65536 }.encode(),
         );
         b.extend_from_slice(&data);
     }
-    b.extend_from_slice(
-        &Request {
-            flags: 0,
-            command: CMD_DISC,
-            handle: 99,
-            offset: 0,
-            length: 0,
-        }
-        .encode(),
-    );
+    b.extend_from_slice(&Request { flags: 0, command: CMD_DISC, handle: 99, offset: 0, length: 0 }.encode());
     r.s.write_all(&b).await.unwrap();
     let mut seen = std::collections::HashSet::new();
     for _ in 0..16 {

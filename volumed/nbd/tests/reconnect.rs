@@ -64,28 +64,20 @@ struct Batch {
 }
 
 fn start_batch(c: &Arc<NbdClient>, round: u64) -> Batch {
-    let mut b = Batch {
-        writes: Vec::new(),
-        reads: Vec::new(),
-        tasks: Vec::new(),
-    };
+    let mut b = Batch { writes: Vec::new(), reads: Vec::new(), tasks: Vec::new() };
     for i in 0..32u64 {
         let off = (round * 64 + i) * BLOCK;
         let data = random_bytes(BLOCK as usize);
         let c2 = c.clone();
         let d = Bytes::from(data.clone());
-        b.tasks.push(tokio::spawn(async move {
-            c2.write(off, d, i % 4 == 0).await.map(|_| None)
-        }));
+        b.tasks.push(tokio::spawn(async move { c2.write(off, d, i % 4 == 0).await.map(|_| None) }));
         b.writes.push((off, data));
     }
     for i in 0..32u64 {
         // Reads of a region nobody writes: must return the initial data.
         let off = 8 * MIB + (round * 32 + i) * BLOCK;
         let c2 = c.clone();
-        b.tasks.push(tokio::spawn(async move {
-            c2.read(off, BLOCK as u32).await.map(Some)
-        }));
+        b.tasks.push(tokio::spawn(async move { c2.read(off, BLOCK as u32).await.map(Some) }));
         b.reads.push(off);
     }
     b
@@ -94,31 +86,18 @@ fn start_batch(c: &Arc<NbdClient>, round: u64) -> Batch {
 async fn finish_batch(b: Batch, initial: &[u8], disk: &std::path::Path) {
     let mut results = Vec::new();
     for t in b.tasks {
-        results.push(
-            tokio::time::timeout(Duration::from_secs(30), t)
-                .await
-                .expect("request hung")
-                .unwrap(),
-        );
+        results.push(tokio::time::timeout(Duration::from_secs(30), t).await.expect("request hung").unwrap());
     }
     for (i, r) in results.iter().enumerate() {
         assert!(r.is_ok(), "request {i} failed: {r:?}");
     }
     for (j, off) in b.reads.iter().enumerate() {
         let got = results[32 + j].as_ref().unwrap().as_ref().unwrap();
-        assert_eq!(
-            &got[..],
-            &initial[*off as usize..(*off + BLOCK) as usize],
-            "read at {off}"
-        );
+        assert_eq!(&got[..], &initial[*off as usize..(*off + BLOCK) as usize], "read at {off}");
     }
     let file = file_bytes(disk);
     for (off, data) in &b.writes {
-        assert_eq!(
-            &file[*off as usize..*off as usize + data.len()],
-            &data[..],
-            "write at {off}"
-        );
+        assert_eq!(&file[*off as usize..*off as usize + data.len()], &data[..], "write at {off}");
     }
 }
 
@@ -133,18 +112,13 @@ async fn killed_server_with_64_in_flight_is_replaced_and_everything_replayed() {
     let mut gate = GatedDevice::new(file.clone());
     let mut server = TestServer::start(exports(gate.clone())).await;
     let endpoints = Switch::new(vec![server.addr]);
-    let c = NbdClient::connect(endpoints.clone(), "vol".into(), opts())
-        .await
-        .unwrap();
+    let c = NbdClient::connect(endpoints.clone(), "vol".into(), opts()).await.unwrap();
 
     let rounds = 5;
     let mut pauses = Vec::new();
     for round in 0..rounds {
         let batch = start_batch(&c, round);
-        wait_until("64 requests at the server", Duration::from_secs(10), || {
-            gate.arrived() == 64
-        })
-        .await;
+        wait_until("64 requests at the server", Duration::from_secs(10), || gate.arrived() == 64).await;
 
         // The replacement holds replays at its gate until all 64 are there.
         let next_gate = GatedDevice::new(file.clone());
@@ -152,12 +126,7 @@ async fn killed_server_with_64_in_flight_is_replaced_and_everything_replayed() {
         endpoints.set(vec![server.addr, next.addr]);
         let killed = Instant::now();
         server.kill().await;
-        wait_until(
-            "64 replays at the new server",
-            Duration::from_secs(10),
-            || next_gate.arrived() == 64,
-        )
-        .await;
+        wait_until("64 replays at the new server", Duration::from_secs(10), || next_gate.arrived() == 64).await;
         let replay_seen = killed.elapsed();
         next_gate.open();
         finish_batch(batch, &initial, &disk).await;
@@ -203,9 +172,7 @@ async fn eshutdown_replies_are_replayed_not_returned() {
         calls: 0.into(),
     });
     let server = TestServer::start(exports(dev.clone())).await;
-    let c = NbdClient::connect(Switch::new(vec![server.addr]), "vol".into(), opts())
-        .await
-        .unwrap();
+    let c = NbdClient::connect(Switch::new(vec![server.addr]), "vol".into(), opts()).await.unwrap();
     let batch = start_batch(&c, 0);
     finish_batch(batch, &initial, &disk).await;
     assert_eq!(dev.unavailable.load(Ordering::SeqCst), 0);
@@ -223,9 +190,7 @@ async fn graceful_server_shutdown_under_load() {
     let s1 = TestServer::start(exports(file.clone())).await;
     let s2 = TestServer::start(exports(file.clone())).await;
     let endpoints = Switch::new(vec![s1.addr, s2.addr]);
-    let c = NbdClient::connect(endpoints.clone(), "vol".into(), opts())
-        .await
-        .unwrap();
+    let c = NbdClient::connect(endpoints.clone(), "vol".into(), opts()).await.unwrap();
 
     // 8 workers each write-then-verify their own blocks in a loop.
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -247,10 +212,8 @@ async fn graceful_server_shutdown_under_load() {
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     s1.stop().await;
-    wait_until("a reconnect to s2", Duration::from_secs(10), || {
-        c.state() == ClientState::Connected { addr: s2.addr }
-    })
-    .await;
+    wait_until("a reconnect to s2", Duration::from_secs(10), || c.state() == ClientState::Connected { addr: s2.addr })
+        .await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     stop.store(true, Ordering::SeqCst);
     let mut total = 0;
@@ -259,10 +222,7 @@ async fn graceful_server_shutdown_under_load() {
     }
     assert!(total > 0);
     assert_eq!(c.stats().timeouts, 0);
-    eprintln!(
-        "graceful shutdown: {total} write+verify rounds, stats {:?}",
-        c.stats()
-    );
+    eprintln!("graceful shutdown: {total} write+verify rounds, stats {:?}", c.stats());
     c.close().await;
 }
 
@@ -284,41 +244,24 @@ async fn migration_moves_new_requests_at_once_and_drains_the_old_connection() {
     let s1 = TestServer::start(exports(old_gate.clone())).await;
     let s2 = TestServer::start(exports(counted.clone())).await;
     let endpoints = Switch::new(vec![s1.addr]);
-    let c = NbdClient::connect(endpoints.clone(), "vol".into(), opts())
-        .await
-        .unwrap();
+    let c = NbdClient::connect(endpoints.clone(), "vol".into(), opts()).await.unwrap();
 
     let first = start_batch(&c, 0);
-    wait_until(
-        "64 requests held at the old leader",
-        Duration::from_secs(10),
-        || old_gate.arrived() == 64,
-    )
-    .await;
+    wait_until("64 requests held at the old leader", Duration::from_secs(10), || old_gate.arrived() == 64).await;
     endpoints.set(vec![s2.addr, s1.addr]);
     c.reconnect();
-    wait_until("the move to s2", Duration::from_secs(10), || {
-        c.state() == ClientState::Connected { addr: s2.addr }
-    })
-    .await;
+    wait_until("the move to s2", Duration::from_secs(10), || c.state() == ClientState::Connected { addr: s2.addr })
+        .await;
 
     // New requests complete on s2 while the old ones still wait on s1.
     let second = start_batch(&c, 1);
     finish_batch(second, &initial, &disk).await;
-    assert_eq!(
-        counted.calls.load(Ordering::SeqCst),
-        64,
-        "old requests must not be replayed on s2"
-    );
+    assert_eq!(counted.calls.load(Ordering::SeqCst), 64, "old requests must not be replayed on s2");
 
     old_gate.open();
     finish_batch(first, &initial, &disk).await;
     let stats = c.stats();
-    assert_eq!(
-        (stats.migrations, stats.reconnects, stats.replayed),
-        (1, 0, 0),
-        "{stats:?}"
-    );
+    assert_eq!((stats.migrations, stats.reconnects, stats.replayed), (1, 0, 0), "{stats:?}");
     assert_eq!(counted.calls.load(Ordering::SeqCst), 64);
     c.close().await;
     drop(s1);
@@ -338,27 +281,16 @@ async fn stalled_connection_is_replaced() {
     let c = NbdClient::connect(
         endpoints.clone(),
         "vol".into(),
-        ClientOptions {
-            stall_timeout: Duration::from_millis(400),
-            ..opts()
-        },
+        ClientOptions { stall_timeout: Duration::from_millis(400), ..opts() },
     )
     .await
     .unwrap();
     let batch = start_batch(&c, 0);
-    wait_until(
-        "requests at the hung server",
-        Duration::from_secs(10),
-        || hung.arrived() == 64,
-    )
-    .await;
+    wait_until("requests at the hung server", Duration::from_secs(10), || hung.arrived() == 64).await;
     endpoints.set(vec![s2.addr]);
     let t = Instant::now();
     finish_batch(batch, &initial, &disk).await;
-    assert!(
-        t.elapsed() >= Duration::from_millis(300),
-        "replaced before the stall timeout"
-    );
+    assert!(t.elapsed() >= Duration::from_millis(300), "replaced before the stall timeout");
     assert_eq!(c.state(), ClientState::Connected { addr: s2.addr });
     assert_eq!(c.stats().reconnects, 1);
     c.close().await;
@@ -376,16 +308,11 @@ async fn io_timeout_when_no_server_comes_back() {
     let c = NbdClient::connect(
         endpoints.clone(),
         "vol".into(),
-        ClientOptions {
-            io_timeout: Duration::from_millis(700),
-            ..opts()
-        },
+        ClientOptions { io_timeout: Duration::from_millis(700), ..opts() },
     )
     .await
     .unwrap();
-    c.write(0, Bytes::from(vec![1u8; 4096]), false)
-        .await
-        .unwrap();
+    c.write(0, Bytes::from(vec![1u8; 4096]), false).await.unwrap();
     let gone = s1.addr;
     s1.kill().await;
 
@@ -395,10 +322,7 @@ async fn io_timeout_when_no_server_comes_back() {
         other => panic!("expected a timeout, got {other:?}"),
     }
     let waited = t.elapsed();
-    assert!(
-        waited >= Duration::from_millis(600) && waited < Duration::from_secs(5),
-        "{waited:?}"
-    );
+    assert!(waited >= Duration::from_millis(600) && waited < Duration::from_secs(5), "{waited:?}");
     match c.state() {
         ClientState::Reconnecting { last_error, .. } => {
             assert!(last_error.contains(&gone.to_string()), "{last_error}")
@@ -412,10 +336,7 @@ async fn io_timeout_when_no_server_comes_back() {
     // A server coming back (elsewhere) is picked up.
     let s2 = TestServer::start(exports(file.clone())).await;
     endpoints.set(vec![s2.addr]);
-    wait_until("reconnect", Duration::from_secs(10), || {
-        c.state() == ClientState::Connected { addr: s2.addr }
-    })
-    .await;
+    wait_until("reconnect", Duration::from_secs(10), || c.state() == ClientState::Connected { addr: s2.addr }).await;
     assert_eq!(&c.read(0, 4096).await.unwrap()[..], &[1u8; 4096][..]);
     c.close().await;
 }
@@ -436,10 +357,7 @@ async fn persistent_eshutdown_backs_off_instead_of_spinning() {
     let c = NbdClient::connect(
         Switch::new(vec![server.addr]),
         "vol".into(),
-        ClientOptions {
-            io_timeout: Duration::from_millis(1500),
-            ..opts()
-        },
+        ClientOptions { io_timeout: Duration::from_millis(1500), ..opts() },
     )
     .await
     .unwrap();

@@ -25,19 +25,11 @@ async fn setup(size: u64) -> Setup {
     let disk = make_file(&dir, "vol.img", size, false);
     let ro = make_file(&dir, "ro.img", MIB, true);
     let exports = Exports::with(vec![
-        (
-            "vol",
-            FileDevice::open(&disk, false) as Arc<dyn BlockDevice>,
-        ),
+        ("vol", FileDevice::open(&disk, false) as Arc<dyn BlockDevice>),
         ("ro", FileDevice::open(&ro, true) as Arc<dyn BlockDevice>),
     ]);
     let server = TestServer::start(Arc::new(exports)).await;
-    Setup {
-        _dir: tmp,
-        dir,
-        disk,
-        server,
-    }
+    Setup { _dir: tmp, dir, disk, server }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -80,30 +72,19 @@ async fn nbdinfo_reports_size_flags_and_block_sizes() {
     cmd.args(["--list", "--json", &format!("nbd://{}", s.server.addr)]);
     let out = run_ok(cmd).await;
     let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
-    let mut names: Vec<&str> = v["exports"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["export-name"].as_str().unwrap())
-        .collect();
+    let mut names: Vec<&str> =
+        v["exports"].as_array().unwrap().iter().map(|e| e["export-name"].as_str().unwrap()).collect();
     names.sort();
     assert_eq!(names, ["ro", "vol"], "{out}");
-    let descriptions: Vec<&str> = v["exports"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|e| e["description"].as_str())
-        .collect();
+    let descriptions: Vec<&str> =
+        v["exports"].as_array().unwrap().iter().filter_map(|e| e["description"].as_str()).collect();
     assert!(descriptions.contains(&"test volume vol"), "{out}");
 
     // An unknown export is refused with a message naming it.
     let out = tool("nbdinfo").arg(s.server.uri("nope")).output().unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("unknown export") || err.contains("nope"),
-        "{err}"
-    );
+    assert!(err.contains("unknown export") || err.contains("nope"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -121,32 +102,20 @@ async fn nbdcopy_round_trips_64_mib() {
     run_ok(cmd).await;
 
     let want = file_bytes(&src);
-    assert!(
-        file_bytes(&s.disk) == want,
-        "backing file differs from the source"
-    );
-    assert!(
-        file_bytes(&back) == want,
-        "copy read back differs from the source"
-    );
+    assert!(file_bytes(&s.disk) == want, "backing file differs from the source");
+    assert!(file_bytes(&back) == want, "copy read back differs from the source");
 
     // A mostly-zero image exercises zero detection (write_zeroes/trim).
     let sparse = make_file(&s.dir, "sparse.bin", 64 * MIB, false);
     {
         use std::os::unix::fs::FileExt;
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .open(&sparse)
-            .unwrap();
+        let f = std::fs::OpenOptions::new().write(true).open(&sparse).unwrap();
         f.write_all_at(&random_bytes(4096), 10 * MIB).unwrap();
     }
     let mut cmd = tool("nbdcopy");
     cmd.arg(&sparse).arg(s.server.uri("vol"));
     run_ok(cmd).await;
-    assert!(
-        file_bytes(&s.disk) == file_bytes(&sparse),
-        "zeroed copy differs"
-    );
+    assert!(file_bytes(&s.disk) == file_bytes(&sparse), "zeroed copy differs");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -156,15 +125,11 @@ async fn qemu_img_convert_and_compare() {
     let src = make_file(&s.dir, "src.raw", 32 * MIB, true);
 
     let mut cmd = tool("qemu-img");
-    cmd.args(["convert", "-n", "-f", "raw", "-O", "raw"])
-        .arg(&src)
-        .arg(s.server.uri("vol"));
+    cmd.args(["convert", "-n", "-f", "raw", "-O", "raw"]).arg(&src).arg(s.server.uri("vol"));
     run_ok(cmd).await;
 
     let mut cmd = tool("qemu-img");
-    cmd.args(["compare", "-f", "raw", "-F", "raw"])
-        .arg(&src)
-        .arg(s.server.uri("vol"));
+    cmd.args(["compare", "-f", "raw", "-F", "raw"]).arg(&src).arg(s.server.uri("vol"));
     let out = run_ok(cmd).await;
     assert!(out.contains("Images are identical"), "{out}");
     assert!(file_bytes(&s.disk) == file_bytes(&src));
@@ -178,10 +143,7 @@ async fn qemu_img_convert_and_compare() {
     // A changed byte is noticed by compare (the comparison is real).
     {
         use std::os::unix::fs::FileExt;
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .open(&s.disk)
-            .unwrap();
+        let f = std::fs::OpenOptions::new().write(true).open(&s.disk).unwrap();
         let old = file_bytes(&src)[5 * MIB as usize];
         f.write_all_at(&[old ^ 0xff], 5 * MIB).unwrap();
     }
@@ -191,12 +153,7 @@ async fn qemu_img_convert_and_compare() {
         .arg(s.server.uri("vol"))
         .output()
         .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stdout));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -226,16 +183,11 @@ async fn fio_randwrite_with_crc32c_verify() {
     ]);
     let out = run_ok(cmd).await;
     let json_start = out.find('{').unwrap_or(0);
-    let v: serde_json::Value =
-        serde_json::from_str(&out[json_start..]).unwrap_or_else(|e| panic!("{e}: {out}"));
+    let v: serde_json::Value = serde_json::from_str(&out[json_start..]).unwrap_or_else(|e| panic!("{e}: {out}"));
     let job = &v["jobs"][0];
     assert_eq!(job["error"], 0, "{out}");
     let written = job["write"]["io_bytes"].as_u64().unwrap();
     let verified = job["read"]["io_bytes"].as_u64().unwrap();
     assert_eq!(written, 32 * MIB, "{out}");
-    assert_eq!(
-        verified,
-        32 * MIB,
-        "fio must read back everything it wrote: {out}"
-    );
+    assert_eq!(verified, 32 * MIB, "fio must read back everything it wrote: {out}");
 }

@@ -67,9 +67,7 @@ impl AdminService {
                         .pool
                         .addr_of(l)
                         .ok_or_else(|| Status::unavailable(format!("address of catalog leader {l} unknown")))?;
-                    let ch = peer_endpoint(&addr)
-                        .map_err(|e| Status::internal(e.to_string()))?
-                        .connect_lazy();
+                    let ch = peer_endpoint(&addr).map_err(|e| Status::internal(e.to_string()))?.connect_lazy();
                     return Ok(Some(
                         AdminClient::new(ch)
                             .max_decoding_message_size(MAX_PEER_MESSAGE)
@@ -102,6 +100,20 @@ impl AdminService {
         let mut p = volume_to_proto(v, &reports, &state);
         merge_attachment_reports(&mut p, &self.node.catalog.attachment_reports(v.id), &state);
         p
+    }
+
+    /// Inode counters of a file volume, asked of its leader. A leader that
+    /// does not answer soon (electing, restoring) leaves them 0: a status
+    /// query must not hang on the volume.
+    async fn fill_file_counters(&self, p: &mut pb::Volume, id: Uuid) {
+        let client = crate::file::client::FileClient::new(self.node.clone(), id);
+        let ask = client.read(crate::file::service::FileRequest::StatFs);
+        if let Ok(Ok(crate::file::service::FileResponse::Stats(s))) =
+            tokio::time::timeout(Duration::from_secs(2), ask).await
+        {
+            p.file_inodes = s.inodes;
+            p.file_max_inodes = s.max_inodes;
+        }
     }
 
     /// Waits until the volume group shows `done` in its leader's report.
@@ -219,7 +231,11 @@ fn role_to_proto(r: Option<ReportedRole>) -> pb::ReplicaRole {
 }
 
 /// Builds the API view of a volume from its record and replica reports.
-pub fn volume_to_proto(v: &VolumeRecord, reports: &BTreeMap<NodeId, ReplicaReport>, state: &CatalogState) -> pb::Volume {
+pub fn volume_to_proto(
+    v: &VolumeRecord,
+    reports: &BTreeMap<NodeId, ReplicaReport>,
+    state: &CatalogState,
+) -> pb::Volume {
     let leader = reports.iter().filter(|(_, r)| r.role == Some(ReportedRole::Leader)).max_by_key(|(_, r)| r.term);
     let leader_id = leader.map(|(n, _)| *n);
     let leader_report = leader.map(|(_, r)| r);
@@ -277,7 +293,12 @@ pub fn volume_to_proto(v: &VolumeRecord, reports: &BTreeMap<NodeId, ReplicaRepor
             matched_index: matched,
         });
     }
-    let vstate = if leader_report.is_none() {
+    let hydration = leader_report.and_then(|l| l.hydration.clone());
+    let vstate = if v.retained {
+        pb::VolumeState::Deleting
+    } else if leader_report.is_some() && !v.hydrated {
+        pb::VolumeState::Creating
+    } else if leader_report.is_none() {
         if reports.is_empty() && age_ms(v) < 60_000 {
             pb::VolumeState::Creating
         } else {
@@ -313,6 +334,26 @@ pub fn volume_to_proto(v: &VolumeRecord, reports: &BTreeMap<NodeId, ReplicaRepor
         fence_generation: v.generation,
         used_bytes: leader_report.map(|l| l.live_blocks * BLOCK_SIZE).unwrap_or(0),
         crc_repairs: reports.values().map(|r| r.crc_repairs).sum(),
+        source_snapshot_id: v.source.as_ref().map(|s| s.snapshot.to_string()).unwrap_or_default(),
+        source_volume_id: v.source.as_ref().map(|s| s.volume.to_string()).unwrap_or_default(),
+        restore_bytes_done: match (&hydration, v.hydrated) {
+            (Some(h), false) => h.copied_blocks * BLOCK_SIZE,
+            (_, true) => v.source.as_ref().map(|s| s.used_bytes).unwrap_or(0),
+            (None, false) => 0,
+        },
+        restore_bytes_total: v.source.as_ref().map(|s| s.used_bytes).unwrap_or(0),
+        snapshot_bytes: leader_report.map(|l| l.held_blocks * BLOCK_SIZE).unwrap_or(0),
+        snapshot_count: state
+            .snapshots
+            .values()
+            .filter(|s| s.source_volume == v.id && !s.deleting && s.for_clone.is_none())
+            .count() as u32,
+        reclaimed_bytes: leader_report.map(|l| l.reclaimed_blocks * BLOCK_SIZE).unwrap_or(0),
+        sweep_pending: leader_report.is_some_and(|l| l.sweep_cursor.is_some()),
+        retained: v.retained,
+        // Asked of the leader by GetVolume only (see fill_file_counters).
+        file_inodes: 0,
+        file_max_inodes: 0,
     }
 }
 
@@ -329,10 +370,11 @@ fn list_token(name: &str) -> String {
 }
 
 fn parse_token(t: &str) -> Option<String> {
-    if t.len() % 2 != 0 {
+    if !t.len().is_multiple_of(2) {
         return None;
     }
-    let bytes: Option<Vec<u8>> = (0..t.len()).step_by(2).map(|i| u8::from_str_radix(t.get(i..i + 2)?, 16).ok()).collect();
+    let bytes: Option<Vec<u8>> =
+        (0..t.len()).step_by(2).map(|i| u8::from_str_radix(t.get(i..i + 2)?, 16).ok()).collect();
     String::from_utf8(bytes?).ok()
 }
 
@@ -388,6 +430,8 @@ impl AdminService {
         }
     }
 }
+
+mod snapshots;
 
 macro_rules! proxy {
     ($self:ident, $method:ident, $req:ident) => {
@@ -445,7 +489,10 @@ impl Admin for AdminService {
         }))
     }
 
-    async fn list_nodes(&self, request: Request<pb::ListNodesRequest>) -> Result<Response<pb::ListNodesResponse>, Status> {
+    async fn list_nodes(
+        &self,
+        request: Request<pb::ListNodesRequest>,
+    ) -> Result<Response<pb::ListNodesResponse>, Status> {
         proxy!(self, list_nodes, request);
         let state = self.node.catalog.read(|s| s.clone());
         let m = self.node.catalog.raft.metrics().borrow().clone();
@@ -493,7 +540,10 @@ impl Admin for AdminService {
         Ok(Response::new(pb::ListNodesResponse { nodes }))
     }
 
-    async fn remove_node(&self, request: Request<pb::RemoveNodeRequest>) -> Result<Response<pb::RemoveNodeResponse>, Status> {
+    async fn remove_node(
+        &self,
+        request: Request<pb::RemoveNodeRequest>,
+    ) -> Result<Response<pb::RemoveNodeResponse>, Status> {
         proxy!(self, remove_node, request);
         let id = request.into_inner().node_id;
         if id == 0 {
@@ -506,6 +556,7 @@ impl Admin for AdminService {
     }
 
     async fn create_volume(&self, request: Request<pb::CreateVolumeRequest>) -> Result<Response<pb::Volume>, Status> {
+        let budget = snapshots::call_budget(&request);
         proxy!(self, create_volume, request);
         let req = request.into_inner();
         let span = tracing::info_span!("create_volume", name = %req.name);
@@ -522,10 +573,26 @@ impl Admin for AdminService {
             if Uuid::parse_str(&name).is_ok() {
                 return Err(Status::invalid_argument(format!("volume name {name:?} must not look like a volume id")));
             }
-            if req.size_bytes == 0 {
+            let has_source = !req.source_snapshot.trim().is_empty() || !req.source_volume.trim().is_empty();
+            if req.size_bytes == 0 && !has_source {
                 return Err(Status::invalid_argument("size_bytes must be greater than 0"));
             }
-            let size = req.size_bytes.max(MIN_VOLUME_SIZE).div_ceil(BLOCK_SIZE) * BLOCK_SIZE;
+            let id = Uuid::new_v4();
+            let source = self.volume_source(&req, &name, id).await?;
+            let requested = match (&source, req.size_bytes) {
+                (Some((src, _)), 0) => src.size_bytes,
+                (_, n) => n,
+            };
+            let size = requested.max(MIN_VOLUME_SIZE).div_ceil(BLOCK_SIZE) * BLOCK_SIZE;
+            if let Some((src, _)) = &source {
+                if size < src.size_bytes {
+                    return Err(Status::out_of_range(format!(
+                        "volume {name} would be {size} bytes, smaller than its source ({} bytes); ask for at least that",
+                        src.size_bytes
+                    )));
+                }
+            }
+            let id = source.as_ref().map(|(_, id)| *id).unwrap_or(id);
             let replica_count = if req.replica_count == 0 { 3 } else { req.replica_count };
             if replica_count > MAX_REPLICAS {
                 return Err(Status::invalid_argument(format!(
@@ -535,7 +602,15 @@ impl Admin for AdminService {
             let spec = VolumeSpec {
                 name: name.clone(),
                 size_bytes: size,
-                kind: kind_from_proto(req.kind),
+                // A restore or clone left unspecified takes its source's kind.
+                kind: match (&source, pb::VolumeKind::try_from(req.kind)) {
+                    (Some((s, _)), Ok(pb::VolumeKind::Unspecified)) => self
+                        .node
+                        .catalog
+                        .read(|st| st.volumes.get(&s.volume).map(|v| v.kind))
+                        .unwrap_or(VolumeKind::Block),
+                    _ => kind_from_proto(req.kind),
+                },
                 replica_count,
                 parameters: req.parameters.clone().into_iter().collect(),
                 constraints: PlacementConstraints {
@@ -543,11 +618,11 @@ impl Admin for AdminService {
                     preferred: req.preferred.iter().map(topology).collect(),
                     spread_zones: req.spread_zones,
                 },
+                source: source.map(|(s, _)| s),
             };
             // For a name that exists, the catalog answers idempotently (or
             // ALREADY_EXISTS) and ignores the placement we send.
             let existing = self.node.catalog.read(|s| s.names.get(&name).and_then(|id| s.volumes.get(id)).cloned());
-            let id = Uuid::new_v4();
             let placement = if let Some(v) = &existing {
                 v.placement.clone()
             } else {
@@ -580,6 +655,10 @@ impl Admin for AdminService {
                 return Err(Status::internal("unexpected catalog answer to CreateVolume"));
             };
             self.settle(rec.id, "creation", |r| r.size_bytes >= rec.size_bytes).await?;
+            if rec.source.is_some() && !req.no_wait {
+                self.wait_hydrated(&rec, budget).await?;
+            }
+            let rec = self.node.catalog.read(|s| s.volumes.get(&rec.id).cloned()).unwrap_or(*rec);
             info!(volume = %rec.id, size = rec.size_bytes, replicas = rec.replica_count, "volume ready");
             Ok(Response::new(self.volume_proto(&rec)))
         }
@@ -590,10 +669,17 @@ impl Admin for AdminService {
     async fn get_volume(&self, request: Request<pb::GetVolumeRequest>) -> Result<Response<pb::Volume>, Status> {
         proxy!(self, get_volume, request);
         let v = self.volume(&request.into_inner().id_or_name)?;
-        Ok(Response::new(self.volume_proto(&v)))
+        let mut p = self.volume_proto(&v);
+        if v.kind == VolumeKind::File && !v.retained {
+            self.fill_file_counters(&mut p, v.id).await;
+        }
+        Ok(Response::new(p))
     }
 
-    async fn list_volumes(&self, request: Request<pb::ListVolumesRequest>) -> Result<Response<pb::ListVolumesResponse>, Status> {
+    async fn list_volumes(
+        &self,
+        request: Request<pb::ListVolumesRequest>,
+    ) -> Result<Response<pb::ListVolumesResponse>, Status> {
         proxy!(self, list_volumes, request);
         let req = request.into_inner();
         let after = if req.starting_token.is_empty() {
@@ -603,7 +689,10 @@ impl Admin for AdminService {
                 Status::invalid_argument(format!("starting_token {:?} was not issued by this API", req.starting_token))
             })?)
         };
-        let mut all: Vec<VolumeRecord> = self.node.catalog.read(|s| s.volumes.values().cloned().collect());
+        let mut all: Vec<VolumeRecord> = self
+            .node
+            .catalog
+            .read(|s| s.volumes.values().filter(|v| req.include_retained || !v.retained).cloned().collect());
         all.sort_by(|a, b| a.name.cmp(&b.name));
         let start = match &after {
             Some(name) => all.partition_point(|v| v.name <= *name),
@@ -620,7 +709,10 @@ impl Admin for AdminService {
         Ok(Response::new(pb::ListVolumesResponse { volumes, next_token }))
     }
 
-    async fn delete_volume(&self, request: Request<pb::DeleteVolumeRequest>) -> Result<Response<pb::DeleteVolumeResponse>, Status> {
+    async fn delete_volume(
+        &self,
+        request: Request<pb::DeleteVolumeRequest>,
+    ) -> Result<Response<pb::DeleteVolumeResponse>, Status> {
         proxy!(self, delete_volume, request);
         let key = request.into_inner().id_or_name;
         if key.trim().is_empty() {
@@ -630,7 +722,8 @@ impl Admin for AdminService {
             return Ok(Response::new(pb::DeleteVolumeResponse { existed: false }));
         };
         let r = self.node.catalog.write(CatalogCommand::DeleteVolume { id: v.id }).await.map_err(status_of_catalog)?;
-        info!(volume = %v.id, name = %v.name, "volume deleted");
+        let retained = self.node.catalog.read(|s| s.volumes.get(&v.id).is_some_and(|x| x.retained));
+        info!(volume = %v.id, name = %v.name, retained_for_snapshots = retained, "volume deleted");
         Ok(Response::new(pb::DeleteVolumeResponse { existed: matches!(r, CatalogResponse::Existed(true)) }))
     }
 
@@ -681,12 +774,31 @@ impl Admin for AdminService {
         Ok(Response::new(self.volume_proto(&rec)))
     }
 
-    async fn scrub_volume(&self, request: Request<pb::ScrubVolumeRequest>) -> Result<Response<pb::ScrubVolumeResponse>, Status> {
+    /// Node-local, never proxied: it freezes what is mounted on this node.
+    async fn freeze_filesystems(
+        &self,
+        request: Request<pb::FreezeFilesystemsRequest>,
+    ) -> Result<Response<pb::FreezeFilesystemsResponse>, Status> {
+        crate::attach::freeze::freeze(&self.node, request.into_inner()).await.map(Response::new)
+    }
+
+    async fn thaw_filesystems(
+        &self,
+        request: Request<pb::ThawFilesystemsRequest>,
+    ) -> Result<Response<pb::ThawFilesystemsResponse>, Status> {
+        crate::attach::freeze::thaw(&self.node, request.into_inner()).await.map(Response::new)
+    }
+
+    async fn scrub_volume(
+        &self,
+        request: Request<pb::ScrubVolumeRequest>,
+    ) -> Result<Response<pb::ScrubVolumeResponse>, Status> {
         proxy!(self, scrub_volume, request);
         let v = self.volume(&request.into_inner().id_or_name)?;
         let mut out = pb::ScrubVolumeResponse::default();
         for n in &v.placement {
-            match control::call(&self.node, *n, GroupId(v.id), &ControlRequest::Scrub, Duration::from_secs(3600)).await {
+            match control::call(&self.node, *n, GroupId(v.id), &ControlRequest::Scrub, Duration::from_secs(3600)).await
+            {
                 Ok(ControlReply::Scrub { checked, repaired, failed }) => {
                     out.blocks_checked += checked;
                     out.blocks_repaired += repaired;
@@ -699,7 +811,10 @@ impl Admin for AdminService {
         Ok(Response::new(out))
     }
 
-    async fn publish_volume(&self, request: Request<pb::PublishVolumeRequest>) -> Result<Response<pb::Attachment>, Status> {
+    async fn publish_volume(
+        &self,
+        request: Request<pb::PublishVolumeRequest>,
+    ) -> Result<Response<pb::Attachment>, Status> {
         proxy!(self, publish_volume, request);
         let req = request.into_inner();
         let v = self.volume(&req.id_or_name)?;
@@ -723,6 +838,7 @@ impl Admin for AdminService {
         let CatalogResponse::Attachment { attachment, created } = r else {
             return Err(Status::internal("unexpected catalog answer"));
         };
+
         let rec = self.volume(&v.id.to_string())?;
         // Fencing takes effect only once the volume group applied it.
         let floor = rec.fence_floor;
@@ -744,7 +860,61 @@ impl Admin for AdminService {
             return Ok(Response::new(pb::UnpublishVolumeResponse { existed: false }));
         };
         let node = if req.node_id == 0 { None } else { Some(req.node_id) };
-        let r = self.node.catalog.write(CatalogCommand::Unpublish { id: v.id, node }).await.map_err(status_of_catalog)?;
+        let r =
+            self.node.catalog.write(CatalogCommand::Unpublish { id: v.id, node }).await.map_err(status_of_catalog)?;
         Ok(Response::new(pb::UnpublishVolumeResponse { existed: matches!(r, CatalogResponse::Existed(true)) }))
+    }
+
+    async fn create_snapshot(
+        &self,
+        request: Request<pb::CreateSnapshotRequest>,
+    ) -> Result<Response<pb::Snapshot>, Status> {
+        proxy!(self, create_snapshot, request);
+        self.create_snapshot_here(request.into_inner()).await.map(Response::new)
+    }
+
+    async fn get_snapshot(&self, request: Request<pb::GetSnapshotRequest>) -> Result<Response<pb::Snapshot>, Status> {
+        proxy!(self, get_snapshot, request);
+        self.get_snapshot_here(&request.into_inner().id_or_name).map(Response::new)
+    }
+
+    async fn list_snapshots(
+        &self,
+        request: Request<pb::ListSnapshotsRequest>,
+    ) -> Result<Response<pb::ListSnapshotsResponse>, Status> {
+        proxy!(self, list_snapshots, request);
+        self.list_snapshots_here(request.into_inner()).map(Response::new)
+    }
+
+    async fn delete_snapshot(
+        &self,
+        request: Request<pb::DeleteSnapshotRequest>,
+    ) -> Result<Response<pb::DeleteSnapshotResponse>, Status> {
+        proxy!(self, delete_snapshot, request);
+        self.delete_snapshot_here(&request.into_inner().id_or_name).await.map(Response::new)
+    }
+
+    async fn create_group_snapshot(
+        &self,
+        request: Request<pb::CreateGroupSnapshotRequest>,
+    ) -> Result<Response<pb::GroupSnapshot>, Status> {
+        proxy!(self, create_group_snapshot, request);
+        self.create_group_snapshot_here(request.into_inner()).await.map(Response::new)
+    }
+
+    async fn get_group_snapshot(
+        &self,
+        request: Request<pb::GetGroupSnapshotRequest>,
+    ) -> Result<Response<pb::GroupSnapshot>, Status> {
+        proxy!(self, get_group_snapshot, request);
+        self.get_group_snapshot_here(&request.into_inner().id_or_name).map(Response::new)
+    }
+
+    async fn delete_group_snapshot(
+        &self,
+        request: Request<pb::DeleteGroupSnapshotRequest>,
+    ) -> Result<Response<pb::DeleteGroupSnapshotResponse>, Status> {
+        proxy!(self, delete_group_snapshot, request);
+        self.delete_group_snapshot_here(&request.into_inner().id_or_name).await.map(Response::new)
     }
 }

@@ -18,6 +18,8 @@ pub fn status_of_catalog(e: CatalogWriteError) -> Status {
             CatalogError::InvalidArgument(m) => Status::invalid_argument(m),
             CatalogError::FailedPrecondition(m) => Status::failed_precondition(m),
             CatalogError::ResourceExhausted(m) => Status::resource_exhausted(m),
+            CatalogError::OutOfRange(m) => Status::out_of_range(m),
+            CatalogError::Unavailable(m) => Status::unavailable(m),
         },
         CatalogWriteError::NoLeader(m) => Status::unavailable(format!(
             "the catalog has no reachable leader ({m}); is a majority of catalog voters up?"

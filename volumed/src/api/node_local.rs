@@ -14,24 +14,27 @@ use volumed_proto::volumed::v1::node_local_server::NodeLocal;
 
 use crate::attach::{AttachError, AttachManager, AttachSpec};
 use crate::cluster::node::NodeRuntime;
+use crate::file::mounts::{MountError, MountManager};
 
 pub struct NodeLocalService {
     node: Arc<NodeRuntime>,
     attachments: Arc<AttachManager>,
+    mounts: Arc<MountManager>,
 }
 
 impl NodeLocalService {
-    pub fn new(node: Arc<NodeRuntime>, attachments: Arc<AttachManager>) -> Self {
-        NodeLocalService { node, attachments }
+    pub fn new(node: Arc<NodeRuntime>, attachments: Arc<AttachManager>, mounts: Arc<MountManager>) -> Self {
+        NodeLocalService { node, attachments, mounts }
     }
+}
+
+fn mount_status(e: MountError) -> Status {
+    Status::new(e.code(), e.to_string())
 }
 
 fn status(e: AttachError) -> Status {
     Status::new(e.code(), e.to_string())
 }
-
-const FILE_VOLUMES: &str = "file volumes (kind=file, mounted through FUSE) are not available yet; \
-                            use a block volume and attach it";
 
 #[tonic::async_trait]
 impl NodeLocal for NodeLocalService {
@@ -69,7 +72,7 @@ impl NodeLocal for NodeLocalService {
         _request: Request<pb::ListAttachmentsRequest>,
     ) -> Result<Response<pb::ListAttachmentsResponse>, Status> {
         let attachments = self.attachments.list().iter().map(|a| a.to_proto()).collect();
-        Ok(Response::new(pb::ListAttachmentsResponse { attachments, mounts: Vec::new() }))
+        Ok(Response::new(pb::ListAttachmentsResponse { attachments, mounts: self.mounts.list() }))
     }
 
     async fn device_health(
@@ -79,6 +82,17 @@ impl NodeLocal for NodeLocalService {
         let key = request.into_inner().volume;
         if key.trim().is_empty() {
             return Err(Status::invalid_argument("volume id or name is required"));
+        }
+        // File volumes: the health of their mounts here.
+        let mounts: Vec<pb::LocalMount> =
+            self.mounts.list().into_iter().filter(|m| m.volume_id == key || m.volume_name == key).collect();
+        if !mounts.is_empty() {
+            let sick = mounts.iter().find(|m| !m.healthy);
+            return Ok(Response::new(pb::DeviceHealthResponse {
+                attached: true,
+                healthy: sick.is_none(),
+                reason: sick.map(|m| format!("mount at {}: {}", m.target, m.reason)).unwrap_or_default(),
+            }));
         }
         Ok(Response::new(match self.attachments.get(&key) {
             Some(a) => pb::DeviceHealthResponse {
@@ -94,12 +108,29 @@ impl NodeLocal for NodeLocalService {
         }))
     }
 
-    async fn mount(&self, _request: Request<pb::MountRequest>) -> Result<Response<pb::MountResponse>, Status> {
-        Err(Status::unimplemented(FILE_VOLUMES))
+    async fn mount(&self, request: Request<pb::MountRequest>) -> Result<Response<pb::MountResponse>, Status> {
+        let req = request.into_inner();
+        let span = tracing::info_span!("mount", volume = %req.volume, target = %req.target);
+        async move {
+            let rec = self.mounts.mount(&req).await.map_err(mount_status)?;
+            Ok(Response::new(pb::MountResponse {
+                volume_id: rec.volume_id.to_string(),
+                target: rec.target.display().to_string(),
+            }))
+        }
+        .instrument(span)
+        .await
     }
 
-    async fn unmount(&self, _request: Request<pb::UnmountRequest>) -> Result<Response<pb::UnmountResponse>, Status> {
-        Err(Status::unimplemented(FILE_VOLUMES))
+    async fn unmount(&self, request: Request<pb::UnmountRequest>) -> Result<Response<pb::UnmountResponse>, Status> {
+        let req = request.into_inner();
+        let span = tracing::info_span!("unmount", target = %req.target);
+        async move {
+            let existed = self.mounts.unmount(&req.target).await.map_err(mount_status)?;
+            Ok(Response::new(pb::UnmountResponse { existed }))
+        }
+        .instrument(span)
+        .await
     }
 
     async fn node_info(

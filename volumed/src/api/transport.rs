@@ -12,7 +12,7 @@ use tracing::{info, warn};
 use volumed_proto::volumed::v1::raft_transport_server::RaftTransport;
 use volumed_proto::volumed::v1::{
     FetchBlockRequest, FetchBlockResponse, HeartbeatReply, HelloReply, JoinReply, NodeHeartbeat, PeerInfo,
-    PromiseReply, PromiseRequest, RaftMessage, SnapshotChunk,
+    PromiseReply, PromiseRequest, RaftMessage, ReadSnapshotChunk, ReadSnapshotRequest, SnapshotChunk,
 };
 
 use crate::catalog::service::NodeReport;
@@ -26,6 +26,7 @@ use crate::storage::keys::GroupId;
 use crate::storage::log_store::{GroupTypeConfig, NodeId};
 use crate::storage::{decode, encode};
 use crate::volume::command::VolumeTc;
+use crate::volume::hydrate;
 use crate::volume::replica::ReplicaReport;
 use crate::volume::snapshot::{decode_header, receive_to_file, VolumeSnapshotData};
 
@@ -71,13 +72,21 @@ impl TransportService {
     }
 }
 
-async fn append<C: GroupTypeConfig>(raft: &Raft<C>, payload: &[u8], group: &[u8]) -> Result<Response<RaftMessage>, Status> {
+async fn append<C: GroupTypeConfig>(
+    raft: &Raft<C>,
+    payload: &[u8],
+    group: &[u8],
+) -> Result<Response<RaftMessage>, Status> {
     let req: AppendEntriesRequest<C> = decode("append entries", payload).map_err(bad)?;
     let res = raft.append_entries(req).await;
     reply(group, &res)
 }
 
-async fn vote<C: GroupTypeConfig>(raft: &Raft<C>, payload: &[u8], group: &[u8]) -> Result<Response<RaftMessage>, Status> {
+async fn vote<C: GroupTypeConfig>(
+    raft: &Raft<C>,
+    payload: &[u8],
+    group: &[u8],
+) -> Result<Response<RaftMessage>, Status> {
     let req: VoteRequest<NodeId> = decode("vote", payload).map_err(bad)?;
     let res = raft.vote(req).await;
     reply(group, &res)
@@ -85,6 +94,27 @@ async fn vote<C: GroupTypeConfig>(raft: &Raft<C>, payload: &[u8], group: &[u8]) 
 
 #[tonic::async_trait]
 impl RaftTransport for TransportService {
+    type ReadSnapshotStream = futures::stream::BoxStream<'static, Result<ReadSnapshotChunk, Status>>;
+
+    async fn read_snapshot(
+        &self,
+        request: Request<ReadSnapshotRequest>,
+    ) -> Result<Response<Self::ReadSnapshotStream>, Status> {
+        let req = request.into_inner();
+        let group = group_of(&req.group_id)?;
+        let replica = self
+            .node
+            .replica(group)
+            .ok_or_else(|| Status::unavailable(format!("node {} hosts no replica of {group}", self.node.node_id())))?;
+        let stream = hydrate::serve(&replica, req.index, req.from_block, req.end_block).await.map_err(|e| match e {
+            hydrate::ServeError::NoSnapshot { .. } => Status::not_found(e.to_string()),
+            hydrate::ServeError::Behind { .. } => Status::unavailable(e.to_string()),
+            hydrate::ServeError::Range { .. } => Status::invalid_argument(e.to_string()),
+            hydrate::ServeError::Spawn(_) | hydrate::ServeError::Orphans(_) => Status::internal(e.to_string()),
+        })?;
+        Ok(Response::new(Box::pin(stream.map(|r| r.map_err(Status::data_loss)))))
+    }
+
     async fn append_entries(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
         let m = request.into_inner();
         match self.target(group_of(&m.group_id)?)? {

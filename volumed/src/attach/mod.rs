@@ -8,10 +8,13 @@
 //! - [`device`]: the fencing gate in front of the NBD client;
 //! - [`health`]: attachment states and reasons;
 //! - [`persist`]: the attachment list in `<data-dir>/attachments.json`;
-//! - [`mounts`]: where a device is mounted.
+//! - [`mounts`]: where a device is mounted;
+//! - [`freeze`]: FIFREEZE/FITHAW of a volume's mounted filesystems around
+//!   a snapshot.
 
 pub mod device;
 pub mod endpoints;
+pub mod freeze;
 pub mod health;
 pub mod manager;
 pub mod mounts;

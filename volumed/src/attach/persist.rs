@@ -1,9 +1,6 @@
 //! The node's attachments on disk (`<data-dir>/attachments.json`), so a
-//! restarted volumed knows which devices it hosted. Written atomically
-//! (temporary file, fsync, rename, fsync of the directory): a crash leaves
-//! either the old or the new list, never a torn one.
+//! restarted volumed knows which devices it hosted (see [`crate::persist`]).
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -11,8 +8,7 @@ use uuid::Uuid;
 use volumed_frontend::FrontendKind;
 
 use crate::catalog::state::AccessMode;
-
-const FILE: &str = "attachments.json";
+use crate::persist::JsonList;
 
 /// One attachment as it is persisted.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -29,74 +25,30 @@ pub struct LocalRecord {
     pub attached_at_ms: i64,
 }
 
-#[derive(Debug, Default, Serialize, Deserialize)]
-struct FileBody {
-    version: u32,
-    attachments: Vec<LocalRecord>,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum PersistError {
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
-    #[error("{path} is not a valid attachment list ({detail}); it was moved to {moved} and volumed starts without attachments")]
-    Corrupt { path: PathBuf, detail: String, moved: String },
-}
+pub use crate::persist::PersistError;
 
 /// Reads and writes the attachment list of one data directory.
 #[derive(Debug, Clone)]
-pub struct Persistence {
-    dir: PathBuf,
-}
+pub struct Persistence(JsonList<LocalRecord>);
 
 impl Persistence {
     pub fn new(data_dir: &Path) -> Persistence {
-        Persistence { dir: data_dir.to_path_buf() }
+        Persistence(JsonList::new(data_dir, "attachments", "attachment list"))
     }
 
     pub fn path(&self) -> PathBuf {
-        self.dir.join(FILE)
+        self.0.path()
     }
 
     /// The persisted list; empty when there is none. A file that cannot be
     /// parsed is moved aside (never silently overwritten) and reported.
     pub fn load(&self) -> Result<Vec<LocalRecord>, PersistError> {
-        let path = self.path();
-        let bytes = match std::fs::read(&path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(source) => return Err(PersistError::Io { path, source }),
-        };
-        match serde_json::from_slice::<FileBody>(&bytes) {
-            Ok(body) => Ok(body.attachments),
-            Err(e) => {
-                let moved = self.dir.join(format!("{FILE}.corrupt-{}", crate::catalog::service::now_ms()));
-                std::fs::rename(&path, &moved).map_err(|source| PersistError::Io { path: path.clone(), source })?;
-                Err(PersistError::Corrupt { path, detail: e.to_string(), moved: moved.display().to_string() })
-            }
-        }
+        self.0.load()
     }
 
     /// Replaces the persisted list with `records`.
     pub fn save(&self, records: &[LocalRecord]) -> Result<(), PersistError> {
-        let io = |path: &Path| {
-            let path = path.to_path_buf();
-            move |source| PersistError::Io { path, source }
-        };
-        std::fs::create_dir_all(&self.dir).map_err(io(&self.dir))?;
-        let path = self.path();
-        let tmp = self.dir.join(format!("{FILE}.tmp"));
-        let body = FileBody { version: 1, attachments: records.to_vec() };
-        let text = serde_json::to_vec_pretty(&body)
-            .map_err(|e| PersistError::Io { path: path.clone(), source: std::io::Error::other(e) })?;
-        {
-            let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
-            f.write_all(&text).map_err(io(&tmp))?;
-            f.sync_all().map_err(io(&tmp))?;
-        }
-        std::fs::rename(&tmp, &path).map_err(io(&path))?;
-        std::fs::File::open(&self.dir).and_then(|d| d.sync_all()).map_err(io(&self.dir))?;
-        Ok(())
+        self.0.save(records)
     }
 }
 

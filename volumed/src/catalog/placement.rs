@@ -195,6 +195,7 @@ mod tests {
                 replica_count: 1,
                 parameters: Default::default(),
                 constraints: Default::default(),
+                source: None,
             },
             placement: vec![3],
             now_ms: 0,
@@ -225,7 +226,11 @@ mod tests {
         let s = state(&[(1, "a", 100), (2, "b", 100), (3, "c", 100)]);
         let live = s.nodes.keys().copied().collect();
         let zone = |z: &str| -> Labels { [("zone".to_string(), z.to_string())].into() };
-        let c = PlacementConstraints { requisite: vec![zone("b"), zone("c")], preferred: vec![zone("c")], ..Default::default() };
+        let c = PlacementConstraints {
+            requisite: vec![zone("b"), zone("c")],
+            preferred: vec![zone("c")],
+            ..Default::default()
+        };
         let ex = BTreeSet::new();
         assert_eq!(place(&s, &live, &req(1, 2, &c, &ex)).unwrap(), vec![3, 2]);
         assert!(place(&s, &live, &req(1, 3, &c, &ex)).is_err());

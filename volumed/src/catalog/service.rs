@@ -17,8 +17,8 @@ use volumed_proto::volumed::v1::RaftMessage;
 use super::placement::{self, PlacementRequest};
 use super::state::{CatalogCommand, CatalogError, CatalogResponse, CatalogState, NodeRecord};
 use super::store::{CatalogSnapshotSource, CatalogStateMachine, CatalogTc, PersistedCatalog};
-use crate::raft::{catalog_config, CATALOG_READ_LEASE};
 use crate::raft::network::{GroupNetworkFactory, LeaderAcks, PeerPool};
+use crate::raft::{catalog_config, CATALOG_READ_LEASE};
 use crate::storage::keys::GroupId;
 use crate::storage::log_store::{LogStore, NodeId};
 use crate::storage::{decode, encode, Store};
@@ -78,10 +78,7 @@ pub struct Catalog {
 }
 
 pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 impl Catalog {
@@ -94,7 +91,8 @@ impl Catalog {
         let (sm, shared, applied) =
             CatalogStateMachine::open(store.clone()).map_err(|e| CatalogWriteError::Internal(e.to_string()))?;
         let config = catalog_config("volumed").map_err(|e| CatalogWriteError::Internal(e.to_string()))?;
-        let network = GroupNetworkFactory::<CatalogTc>::new(GroupId::CATALOG, pool.clone(), Arc::new(CatalogSnapshotSource));
+        let network =
+            GroupNetworkFactory::<CatalogTc>::new(GroupId::CATALOG, pool.clone(), Arc::new(CatalogSnapshotSource));
         let acks = network.acks();
         let log = LogStore::<CatalogTc>::new(store, GroupId::CATALOG);
         let raft = Raft::new(node_id, config, network, log, sm)
@@ -131,8 +129,13 @@ impl Catalog {
         self.applied.clone()
     }
 
+    /// The catalog leader as this node knows it; `None` while there is none
+    /// or while the known one is no longer a voter (a leader the operator
+    /// removed keeps heartbeating until it steps down, but it can never
+    /// confirm a quorum again, so asking it would only time out).
     pub fn leader(&self) -> Option<NodeId> {
-        self.raft.metrics().borrow().current_leader
+        let m = self.raft.metrics().borrow().clone();
+        m.current_leader.filter(|l| m.membership_config.membership().voter_ids().any(|v| v == *l))
     }
 
     pub fn is_leader(&self) -> bool {
@@ -161,7 +164,8 @@ impl Catalog {
 
     /// Teaches the peer pool every node's current address.
     pub fn refresh_peer_addrs(&self) {
-        let nodes: Vec<(NodeId, String)> = self.read(|s| s.nodes.values().map(|n| (n.id, n.api_addr.clone())).collect());
+        let nodes: Vec<(NodeId, String)> =
+            self.read(|s| s.nodes.values().map(|n| (n.id, n.api_addr.clone())).collect());
         for (id, addr) in nodes {
             self.pool.set_addr(id, &addr);
         }
@@ -214,7 +218,8 @@ impl Catalog {
             payload: Bytes::from(payload),
         });
         req.set_timeout(Duration::from_secs(10));
-        let reply = client.catalog_write(req).await.map_err(|s| format!("forward to node {leader}: {}", s.message()))?;
+        let reply =
+            client.catalog_write(req).await.map_err(|s| format!("forward to node {leader}: {}", s.message()))?;
         let result: Result<CatalogResponse, String> =
             decode("catalog write reply", &reply.into_inner().payload).map_err(|e| e.to_string())?;
         if result.is_ok() {
@@ -399,7 +404,7 @@ impl Catalog {
         let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
         let members: BTreeSet<NodeId> = membership.nodes().map(|(id, _)| *id).collect();
         // New nodes follow the catalog as learners.
-        for n in state.nodes.values().filter(|n| !n.removed && !members.contains(&n.id)) {
+        if let Some(n) = state.nodes.values().find(|n| !n.removed && !members.contains(&n.id)) {
             info!(node = n.id, "adding node to the catalog group as learner");
             if let Err(e) = self.raft.add_learner(n.id, BasicNode::new(&n.api_addr), false).await {
                 debug!(node = n.id, error = %e, "add catalog learner");
@@ -408,16 +413,13 @@ impl Catalog {
         }
         let replication = m.replication.clone().unwrap_or_default();
         let last = m.last_log_index.unwrap_or(0);
-        let caught_up = |n: &NodeId| replication.get(n).and_then(|l| l.map(|l| l.index)).is_some_and(|i| i + 16 >= last);
+        let caught_up =
+            |n: &NodeId| replication.get(n).and_then(|l| l.map(|l| l.index)).is_some_and(|i| i + 16 >= last);
         let healthy = |n: &NodeId| {
             state.nodes.get(n).is_some_and(|r| !r.removed && !r.down) && (live.contains(n) || *n == self.node_id)
         };
-        let mut spares: Vec<NodeId> = state
-            .nodes
-            .values()
-            .map(|n| n.id)
-            .filter(|n| !voters.contains(n) && healthy(n) && caught_up(n))
-            .collect();
+        let mut spares: Vec<NodeId> =
+            state.nodes.values().map(|n| n.id).filter(|n| !voters.contains(n) && healthy(n) && caught_up(n)).collect();
         let mut want = voters.clone();
         // A dead voter is swapped for a live, caught-up spare; without a
         // spare it stays (dropping it would not make the group any more
@@ -439,7 +441,7 @@ impl Catalog {
             want.insert(s);
         }
         // An even voter count tolerates no more failures than one less.
-        if want.len() % 2 == 0 && want.len() > voters.len() {
+        if want.len().is_multiple_of(2) && want.len() > voters.len() {
             if let Some(&extra) = want.iter().rev().find(|n| !voters.contains(n)) {
                 want.remove(&extra);
             }

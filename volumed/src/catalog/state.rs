@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use super::snapshots::{GroupSnapshotRecord, SnapshotCommand, SnapshotRecord, VolumeSource};
 use crate::storage::log_store::NodeId;
 
 pub type Labels = BTreeMap<String, String>;
@@ -19,6 +20,11 @@ pub struct CatalogState {
     pub nodes: BTreeMap<NodeId, NodeRecord>,
     pub volumes: BTreeMap<Uuid, VolumeRecord>,
     pub names: BTreeMap<String, Uuid>,
+    pub snapshots: BTreeMap<Uuid, SnapshotRecord>,
+    /// Names of snapshots that are not being deleted.
+    pub snapshot_names: BTreeMap<String, Uuid>,
+    pub group_snapshots: BTreeMap<Uuid, GroupSnapshotRecord>,
+    pub group_snapshot_names: BTreeMap<String, Uuid>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -108,6 +114,13 @@ pub struct VolumeRecord {
     /// Writes carrying a generation below this are rejected (fencing).
     pub fence_floor: u64,
     pub attachments: Vec<AttachmentRecord>,
+    /// Restored or cloned from this snapshot.
+    pub source: Option<VolumeSource>,
+    /// False while the copy from `source` runs (no I/O, no publish).
+    pub hydrated: bool,
+    /// Deleted by the user while snapshots of it exist: hidden, but its
+    /// group is kept until the last of them is deleted.
+    pub retained: bool,
 }
 
 impl VolumeRecord {
@@ -127,24 +140,71 @@ pub struct VolumeSpec {
     pub replica_count: u32,
     pub parameters: BTreeMap<String, String>,
     pub constraints: PlacementConstraints,
+    /// Restore or clone source.
+    pub source: Option<VolumeSource>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum CatalogCommand {
-    Bootstrap { cluster_id: Uuid, nodes: Vec<NodeRecord> },
+    Bootstrap {
+        cluster_id: Uuid,
+        nodes: Vec<NodeRecord>,
+    },
     /// A node joined, or restarted with new addresses, labels or capacity.
     UpsertNode(NodeRecord),
-    SetNodeDown { node: NodeId, down: bool },
-    RemoveNode { node: NodeId },
-    CreateVolume { id: Uuid, spec: VolumeSpec, placement: Vec<NodeId>, now_ms: i64 },
-    DeleteVolume { id: Uuid },
-    ResizeVolume { id: Uuid, size_bytes: u64 },
-    ModifyVolume { id: Uuid, parameters: BTreeMap<String, String> },
-    Publish { id: Uuid, node: NodeId, mode: AccessMode, readonly: bool, force: bool, now_ms: i64 },
-    Unpublish { id: Uuid, node: Option<NodeId> },
-    ReplaceReplica { id: Uuid, old: NodeId, new: NodeId, now_ms: i64 },
+    SetNodeDown {
+        node: NodeId,
+        down: bool,
+    },
+    RemoveNode {
+        node: NodeId,
+    },
+    CreateVolume {
+        id: Uuid,
+        spec: VolumeSpec,
+        placement: Vec<NodeId>,
+        now_ms: i64,
+    },
+    DeleteVolume {
+        id: Uuid,
+    },
+    ResizeVolume {
+        id: Uuid,
+        size_bytes: u64,
+    },
+    ModifyVolume {
+        id: Uuid,
+        parameters: BTreeMap<String, String>,
+    },
+    Publish {
+        id: Uuid,
+        node: NodeId,
+        mode: AccessMode,
+        readonly: bool,
+        force: bool,
+        now_ms: i64,
+    },
+    Unpublish {
+        id: Uuid,
+        node: Option<NodeId>,
+    },
+    ReplaceReplica {
+        id: Uuid,
+        old: NodeId,
+        new: NodeId,
+        now_ms: i64,
+    },
     /// The replacement replica caught up and is a voter.
-    FinishRebuild { id: Uuid, node: NodeId },
+    FinishRebuild {
+        id: Uuid,
+        node: NodeId,
+    },
+    /// Snapshots and group snapshots (see `snapshots`).
+    Snapshot(SnapshotCommand),
+    /// A restored or cloned volume holds all its data.
+    FinishHydration {
+        id: Uuid,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, thiserror::Error, PartialEq, Eq)]
@@ -159,6 +219,11 @@ pub enum CatalogError {
     FailedPrecondition(String),
     #[error("{0}")]
     ResourceExhausted(String),
+    #[error("{0}")]
+    OutOfRange(String),
+    /// Not possible yet; a retry may succeed.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -168,7 +233,12 @@ pub enum CatalogResponse {
     Existed(bool),
     Volume(Box<VolumeRecord>),
     /// The attachment and whether it was created by this command.
-    Attachment { attachment: AttachmentRecord, created: bool },
+    Attachment {
+        attachment: AttachmentRecord,
+        created: bool,
+    },
+    Snapshot(Box<SnapshotRecord>),
+    GroupSnapshot(Box<GroupSnapshotRecord>),
     Error(CatalogError),
 }
 
@@ -176,13 +246,14 @@ pub const MIN_VOLUME_SIZE: u64 = 1 << 20;
 pub const MAX_REPLICAS: u32 = 5;
 
 impl CatalogState {
+    /// A volume users can see (not one retained for its snapshots).
     pub fn volume_by_id_or_name(&self, key: &str) -> Option<&VolumeRecord> {
         if let Ok(id) = Uuid::parse_str(key) {
-            if let Some(v) = self.volumes.get(&id) {
+            if let Some(v) = self.volumes.get(&id).filter(|v| !v.retained) {
                 return Some(v);
             }
         }
-        self.names.get(key).and_then(|id| self.volumes.get(id))
+        self.names.get(key).and_then(|id| self.volumes.get(id)).filter(|v| !v.retained)
     }
 
     /// Bytes of replicas placed on each node (what placement calls "used").
@@ -247,9 +318,11 @@ impl CatalogState {
                 }
                 None => R::Error(CatalogError::NotFound(format!("node {node} not found"))),
             },
-            CatalogCommand::CreateVolume { id, spec, placement, now_ms } => self.create_volume(id, spec, placement, now_ms),
+            CatalogCommand::CreateVolume { id, spec, placement, now_ms } => {
+                self.create_volume(id, spec, placement, now_ms)
+            }
             CatalogCommand::DeleteVolume { id } => {
-                let Some(v) = self.volumes.get(&id) else { return R::Existed(false) };
+                let Some(v) = self.volumes.get(&id).filter(|v| !v.retained) else { return R::Existed(false) };
                 if let Some(a) = v.attachments.first() {
                     return R::Error(CatalogError::FailedPrecondition(format!(
                         "volume {} is published to node {}; unpublish it first",
@@ -257,8 +330,25 @@ impl CatalogState {
                     )));
                 }
                 let name = v.name.clone();
-                self.volumes.remove(&id);
-                self.names.remove(&name);
+                if self.names.get(&name) == Some(&id) {
+                    self.names.remove(&name);
+                }
+                // Snapshots outlive their volume (as VolumeSnapshotContents
+                // outlive PVs): keep the group while any exists.
+                if self.snapshots.values().any(|s| s.source_volume == id) {
+                    if let Some(v) = self.volumes.get_mut(&id) {
+                        v.retained = true;
+                    }
+                } else {
+                    self.volumes.remove(&id);
+                }
+                // A clone that is deleted before it was filled no longer
+                // needs the implicit snapshot taken for it.
+                let implicit: Vec<Uuid> =
+                    self.snapshots.values().filter(|s| s.for_clone == Some(id) && !s.deleting).map(|s| s.id).collect();
+                for s in implicit {
+                    self.apply_snapshot(SnapshotCommand::Delete { id: s });
+                }
                 R::Existed(true)
             }
             CatalogCommand::ResizeVolume { id, size_bytes } => {
@@ -326,12 +416,40 @@ impl CatalogState {
                 v.rebuilds.retain(|r| r.by != node);
                 R::Existed(before != v.rebuilds.len())
             }
+            CatalogCommand::Snapshot(cmd) => self.apply_snapshot(cmd),
+            CatalogCommand::FinishHydration { id } => {
+                let Some(v) = self.volumes.get_mut(&id) else { return R::Existed(false) };
+                if v.hydrated {
+                    return R::Existed(false);
+                }
+                v.hydrated = true;
+                let implicit: Vec<Uuid> =
+                    self.snapshots.values().filter(|s| s.for_clone == Some(id) && !s.deleting).map(|s| s.id).collect();
+                for s in implicit {
+                    self.apply_snapshot(SnapshotCommand::Delete { id: s });
+                }
+                R::Existed(true)
+            }
         }
     }
 
     fn create_volume(&mut self, id: Uuid, spec: VolumeSpec, placement: Vec<NodeId>, now_ms: i64) -> CatalogResponse {
         use CatalogResponse as R;
         if let Some(existing) = self.names.get(&spec.name).and_then(|id| self.volumes.get(id)) {
+            // A clone's implicit snapshot differs per attempt; its source
+            // volume does not.
+            let same_source = match (&existing.source, &spec.source) {
+                (None, None) => true,
+                (Some(a), Some(b)) if a.implicit && b.implicit => a.volume == b.volume,
+                (Some(a), Some(b)) => !a.implicit && !b.implicit && a.snapshot == b.snapshot,
+                _ => false,
+            };
+            if !same_source {
+                return R::Error(CatalogError::AlreadyExists(format!(
+                    "volume {} already exists with another content source",
+                    spec.name
+                )));
+            }
             // Idempotent by name: a retry of the same request gets the same volume.
             if existing.size_bytes == spec.size_bytes
                 && existing.kind == spec.kind
@@ -367,6 +485,11 @@ impl CatalogState {
                 _ => return R::Error(CatalogError::FailedPrecondition(format!("node {n} cannot hold replicas"))),
             }
         }
+        if let Some(src) = &spec.source {
+            if let Err(e) = self.check_volume_source(src, spec.size_bytes, spec.kind) {
+                return R::Error(e);
+            }
+        }
         let rec = VolumeRecord {
             id,
             name: spec.name.clone(),
@@ -381,6 +504,9 @@ impl CatalogState {
             generation: 0,
             fence_floor: 0,
             attachments: Vec::new(),
+            hydrated: spec.source.is_none(),
+            source: spec.source,
+            retained: false,
         };
         self.names.insert(spec.name, id);
         self.volumes.insert(id, rec.clone());
@@ -404,9 +530,15 @@ impl CatalogState {
         let max_volumes = self.nodes.get(&node).map(|n| n.max_volumes).unwrap_or(0);
         let attached_here =
             self.volumes.values().filter(|v| v.id != id && v.attachments.iter().any(|a| a.node == node)).count();
-        let Some(v) = self.volumes.get_mut(&id) else {
+        let Some(v) = self.volumes.get_mut(&id).filter(|v| !v.retained) else {
             return R::Error(CatalogError::NotFound(format!("volume {id} not found")));
         };
+        if !v.hydrated {
+            return R::Error(CatalogError::Unavailable(format!(
+                "volume {} is still being restored from its snapshot; retry when it is ready",
+                v.name
+            )));
+        }
         if let Some(a) = v.attachments.iter().find(|a| a.node == node) {
             if a.mode == mode && a.readonly == readonly {
                 return R::Attachment { attachment: a.clone(), created: false };
@@ -496,11 +628,17 @@ mod tests {
             replica_count: 3,
             parameters: Default::default(),
             constraints: Default::default(),
+            source: None,
         }
     }
 
     fn create(s: &mut CatalogState, name: &str, size: u64) -> CatalogResponse {
-        s.apply(CatalogCommand::CreateVolume { id: Uuid::new_v4(), spec: spec(name, size), placement: vec![1, 2, 3], now_ms: 1 })
+        s.apply(CatalogCommand::CreateVolume {
+            id: Uuid::new_v4(),
+            spec: spec(name, size),
+            placement: vec![1, 2, 3],
+            now_ms: 1,
+        })
     }
 
     #[test]

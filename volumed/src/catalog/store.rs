@@ -69,6 +69,7 @@ impl CatalogStateMachine {
     /// Loads the persisted catalog; returns the state machine and a shared
     /// view of its state plus a watch of the applied index.
     #[allow(clippy::type_complexity)]
+    #[allow(clippy::result_large_err)] // openraft's own error type, as its traits return it
     pub fn open(
         store: Arc<Store>,
     ) -> Result<(CatalogStateMachine, Arc<RwLock<PersistedCatalog>>, watch::Receiver<u64>), StorageError<NodeId>> {
@@ -89,6 +90,7 @@ impl CatalogStateMachine {
         Ok((CatalogStateMachine { store, shared: shared.clone(), applied_tx, unpersisted: 0 }, shared, applied_rx))
     }
 
+    #[allow(clippy::result_large_err)] // openraft's own error type, as its traits return it
     fn persist(&mut self) -> Result<(), StorageError<NodeId>> {
         let bytes = {
             let guard = self.shared.read().map_err(|e| StorageIOError::write_state_machine(io_err(e)))?;
@@ -102,6 +104,7 @@ impl CatalogStateMachine {
         Ok(())
     }
 
+    #[allow(clippy::result_large_err)] // openraft's own error type, as its traits return it
     fn snapshot_now(&self) -> Result<Snapshot<CatalogTc>, StorageError<NodeId>> {
         let guard = self.shared.read().map_err(|e| StorageIOError::read_state_machine(io_err(e)))?;
         let data = encode(&*guard).map_err(|e| StorageIOError::read_state_machine(io_err(e)))?;
@@ -109,14 +112,12 @@ impl CatalogStateMachine {
             Some(l) => format!("catalog-{}-{}", l.leader_id, l.index),
             None => "catalog-empty".to_string(),
         };
-        let meta = SnapshotMeta {
-            last_log_id: guard.last_applied,
-            last_membership: guard.membership.clone(),
-            snapshot_id,
-        };
+        let meta =
+            SnapshotMeta { last_log_id: guard.last_applied, last_membership: guard.membership.clone(), snapshot_id };
         Ok(Snapshot { meta, snapshot: Box::new(CatalogSnapshotData(data)) })
     }
 
+    #[allow(clippy::result_large_err)] // openraft's own error type, as its traits return it
     fn save_snapshot(&self, snap: &Snapshot<CatalogTc>) -> Result<(), StorageError<NodeId>> {
         let stored = StoredSnapshot { meta: snap.meta.clone(), data: snap.snapshot.0.clone() };
         let bytes = encode(&stored).map_err(|e| StorageIOError::write_snapshot(None, io_err(e)))?;

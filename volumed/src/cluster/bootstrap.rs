@@ -269,10 +269,7 @@ async fn form_cluster(node: &NodeRuntime, members: &[NodeId]) -> Result<(), Stri
     let mut nodes: Vec<NodeRecord> = known.values().map(record_of).collect();
     nodes.push(node.self_record());
     let cid = Uuid::parse_str(&cluster_id).map_err(|e| e.to_string())?;
-    node.catalog
-        .write(CatalogCommand::Bootstrap { cluster_id: cid, nodes })
-        .await
-        .map_err(|e| e.to_string())?;
+    node.catalog.write(CatalogCommand::Bootstrap { cluster_id: cid, nodes }).await.map_err(|e| e.to_string())?;
     Ok(())
 }
 

@@ -85,7 +85,10 @@ impl ExportResolver for Exports {
             node.catalog.read(|s| {
                 s.volumes
                     .values()
-                    .map(|v| ExportInfo { name: v.id.to_string(), description: format!("{} ({} bytes)", v.name, v.size_bytes) })
+                    .map(|v| ExportInfo {
+                        name: v.id.to_string(),
+                        description: format!("{} ({} bytes)", v.name, v.size_bytes),
+                    })
                     .collect()
             })
         })
@@ -115,9 +118,9 @@ impl ExportResolver for Exports {
             let readonly = match parsed.generation {
                 Some(g) if g < rec.fence_floor => {
                     return Err(OpenError::Policy(format!(
-                        "generation {g} of volume {} is fenced: the volume was attached elsewhere since (generation {})",
-                        rec.id, rec.fence_floor
-                    )))
+                    "generation {g} of volume {} is fenced: the volume was attached elsewhere since (generation {})",
+                    rec.id, rec.fence_floor
+                )))
                 }
                 Some(g) => rec.attachments.iter().find(|a| a.generation == g).is_some_and(|a| a.readonly),
                 // Admin connections may not write under a writer attachment.

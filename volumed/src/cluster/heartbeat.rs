@@ -19,7 +19,14 @@ pub fn collect(node: &NodeRuntime) -> NodeReport {
     let crc_repairs = node.local_replicas().iter().map(|r| r.counters.crc_repairs.load(Ordering::Relaxed)).sum();
     let disk_free_bytes = super::disk::fs_stats(&node.config.data_dir).map(|s| s.free).unwrap_or(0);
     let attachments = node.local_attachments.read().map(|a| a.clone()).unwrap_or_default();
-    NodeReport { at: Instant::now(), capacity_bytes: node.capacity_bytes, disk_free_bytes, crc_repairs, replicas, attachments }
+    NodeReport {
+        at: Instant::now(),
+        capacity_bytes: node.capacity_bytes,
+        disk_free_bytes,
+        crc_repairs,
+        replicas,
+        attachments,
+    }
 }
 
 /// Report period while a snapshot transfer runs here.

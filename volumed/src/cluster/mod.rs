@@ -6,6 +6,7 @@
 //! - [`replicas`]: starting, leading and dropping local replicas;
 //! - [`control`]: volume-group control calls between nodes;
 //! - [`exports`]: NBD exports, routed to each volume's leader;
+//! - [`snapshots`]: snapshot operations and their housekeeping;
 //! - [`disk`]: capacity of the data directory.
 
 pub mod bootstrap;
@@ -15,3 +16,4 @@ pub mod exports;
 pub mod heartbeat;
 pub mod node;
 pub mod replicas;
+pub mod snapshots;

@@ -92,6 +92,8 @@ pub struct NodeRuntime {
     /// States of the volumes attached here, for the heartbeat (kept by
     /// the attachment manager).
     pub local_attachments: RwLock<Vec<crate::attach::AttachmentReport>>,
+    /// Serialises group snapshots (their write barriers) on this node.
+    pub snapshot_ops: tokio::sync::Mutex<()>,
 }
 
 impl NodeRuntime {
@@ -132,6 +134,7 @@ impl NodeRuntime {
             shutdown,
             capacity_bytes,
             local_attachments: RwLock::new(Vec::new()),
+            snapshot_ops: tokio::sync::Mutex::new(()),
         }))
     }
 
@@ -177,9 +180,14 @@ impl NodeRuntime {
         if let Err(e) = self.catalog.raft.shutdown().await {
             warn!(error = %e, "catalog raft shutdown");
         }
-        // Make everything written so far durable before exiting.
+        // Make everything written so far durable before exiting: the WAL,
+        // and the state machines' unlogged writes (so a clean restart has
+        // no log to re-apply).
         if let Err(e) = self.store.db().flush_wal(true) {
             warn!(error = %e, "final WAL sync");
+        }
+        if let Err(e) = self.store.flush_memtables() {
+            warn!(error = %e, "final memtable flush");
         }
     }
 }

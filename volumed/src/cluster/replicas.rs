@@ -18,9 +18,9 @@ use openraft::BasicNode;
 use tracing::{error, info, warn, Instrument};
 
 use super::node::NodeRuntime;
-use crate::catalog::state::VolumeRecord;
+use crate::catalog::state::{VolumeKind, VolumeRecord};
 use crate::storage::keys::GroupId;
-use crate::volume::command::VolumeCommand;
+use crate::volume::command::{Hydration, VolumeCommand, BLOCK_SIZE};
 use crate::volume::qos::QosLimits;
 use crate::volume::replica::VolumeReplica;
 
@@ -91,11 +91,8 @@ async fn reconcile(node: &Arc<NodeRuntime>) {
                     // of an existing volume waits for its leader instead.
                     let young = crate::catalog::service::now_ms() - v.created_at_ms < 120_000;
                     if fresh && young && v.placement.first() == Some(&me) && v.rebuilds.is_empty() {
-                        let members: BTreeMap<_, _> = v
-                            .placement
-                            .iter()
-                            .map(|n| (*n, BasicNode::new(addr_of(*n).unwrap_or_default())))
-                            .collect();
+                        let members: BTreeMap<_, _> =
+                            v.placement.iter().map(|n| (*n, BasicNode::new(addr_of(*n).unwrap_or_default()))).collect();
                         info!(volume = %group, ?members, "forming volume group");
                         if let Err(e) = r.initialize(members).await {
                             warn!(volume = %group, error = %e, "cannot form volume group yet");
@@ -157,6 +154,36 @@ async fn start_replica(node: &Arc<NodeRuntime>, group: GroupId) -> Option<Arc<Vo
 /// Leader duties: bring the group in line with the catalog record.
 async fn lead(node: &Arc<NodeRuntime>, replica: &Arc<VolumeReplica>, v: &VolumeRecord) {
     replica.qos.set(QosLimits::from_parameters(&v.parameters));
+    // A restored volume records its source before it gets a size: until
+    // then every write is out of range, so none can precede the copy.
+    if let Some(src) = v.source.as_ref().filter(|_| !v.hydrated) {
+        if replica.meta().hydration.is_none() {
+            let h = Hydration {
+                source_volume: src.volume,
+                source_snapshot: src.snapshot,
+                source_index: src.index,
+                end_block: match v.kind {
+                    VolumeKind::File => crate::volume::hydrate::file_copy_end(),
+                    VolumeKind::Block => src.size_bytes / BLOCK_SIZE,
+                },
+                total_blocks: src.used_bytes / BLOCK_SIZE,
+                ..Default::default()
+            };
+            info!(volume = %replica.id, source = %src.volume, snapshot = %src.snapshot, "starting restore from snapshot");
+            node.report_now.notify_one();
+            match replica.propose(VolumeCommand::StartHydration(h)).await {
+                Ok(r) if r.refused.is_some() => {
+                    error!(volume = %replica.id, reason = ?r.refused, "cannot restore into this volume");
+                    return;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    warn!(volume = %replica.id, error = %e, "start restore");
+                    return;
+                }
+            }
+        }
+    }
     if replica.size() < v.size_bytes {
         info!(volume = %replica.id, from = replica.size(), to = v.size_bytes, "resizing");
         if let Err(e) = replica.write_command(VolumeCommand::Resize { size_bytes: v.size_bytes }).await {
@@ -167,13 +194,22 @@ async fn lead(node: &Arc<NodeRuntime>, replica: &Arc<VolumeReplica>, v: &VolumeR
     let want_fence = (v.fence_floor, v.exclusive());
     if replica.fence() != want_fence {
         info!(volume = %replica.id, floor = want_fence.0, exclusive = want_fence.1, "updating fence");
-        if let Err(e) = replica
-            .write_command(VolumeCommand::SetFence { floor: want_fence.0, exclusive: want_fence.1 })
-            .await
+        if let Err(e) =
+            replica.write_command(VolumeCommand::SetFence { floor: want_fence.0, exclusive: want_fence.1 }).await
         {
             warn!(volume = %replica.id, error = %e, "fence");
         }
         node.report_now.notify_one();
+    }
+    if let Some(src) = &v.source {
+        if replica.meta().hydrating() && replica.size() >= v.size_bytes {
+            let me = node.node_id();
+            let mut sources: Vec<_> =
+                node.catalog.read(|s| s.volumes.get(&src.volume).map(|sv| sv.placement.clone()).unwrap_or_default());
+            // A local replica of the source first: no network on the way.
+            sources.sort_by_key(|n| *n != me);
+            replica.ensure_hydrating(sources);
+        }
     }
     let desired: BTreeMap<_, _> = v
         .placement

@@ -4,7 +4,6 @@
 
 pub mod network;
 
-
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,6 +13,7 @@ use crate::storage::log_store::NodeId;
 
 /// Timing of the cluster-wide catalog group. Catalog writes are rare, so it
 /// can afford calmer timers than volume groups.
+#[allow(clippy::result_large_err)] // openraft's own error type, as its traits return it
 pub fn catalog_config(cluster: &str) -> Result<Arc<Config>, openraft::ConfigError> {
     let cfg = Config {
         cluster_name: format!("{cluster}-catalog"),
@@ -31,6 +31,7 @@ pub fn catalog_config(cluster: &str) -> Result<Arc<Config>, openraft::ConfigErro
 /// Timing of a volume group. The election timeout bounds how long I/O pauses
 /// when a leader dies (detection) and must stay well above scheduling noise
 /// on a loaded 2-core machine running several nodes.
+#[allow(clippy::result_large_err)] // openraft's own error type, as its traits return it
 pub fn volume_config(volume: &str) -> Result<Arc<Config>, openraft::ConfigError> {
     let cfg = Config {
         cluster_name: format!("volume-{volume}"),
@@ -46,8 +47,8 @@ pub fn volume_config(volume: &str) -> Result<Arc<Config>, openraft::ConfigError>
         // A Raft snapshot of a volume pins an index instead of copying data
         // (see volume::blocks), so taking one is cheap; what it costs is the
         // old block versions it keeps alive until the next one.
-        snapshot_policy: SnapshotPolicy::LogsSinceLast(20_000),
-        max_in_snapshot_log_to_keep: 2_000,
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(2_000),
+        max_in_snapshot_log_to_keep: 500,
         purge_batch_size: 1024,
         // openraft cancels an AppendEntries after one heartbeat interval
         // whatever deadline the network sets (replication/mod.rs), so a

@@ -110,9 +110,7 @@ impl PeerPool {
 }
 
 pub fn transport_client(ch: Channel) -> RaftTransportClient<Channel> {
-    RaftTransportClient::new(ch)
-        .max_decoding_message_size(MAX_PEER_MESSAGE)
-        .max_encoding_message_size(MAX_PEER_MESSAGE)
+    RaftTransportClient::new(ch).max_decoding_message_size(MAX_PEER_MESSAGE).max_encoding_message_size(MAX_PEER_MESSAGE)
 }
 
 /// Endpoint settings for peer connections: no proxy, no Nagle, keepalives
@@ -179,7 +177,9 @@ fn snapshot_stream(
                 return;
             }
         }
-        let _ = tx.send(SnapshotChunk { group_id: Bytes::new(), header: Bytes::new(), data: Bytes::new(), last: true }).await;
+        let _ = tx
+            .send(SnapshotChunk { group_id: Bytes::new(), header: Bytes::new(), data: Bytes::new(), last: true })
+            .await;
     });
     tokio_stream::wrappers::ReceiverStream::new(rx)
 }
@@ -284,9 +284,8 @@ impl<C: GroupTypeConfig> GroupNetwork<C> {
         E: std::error::Error + serde::de::DeserializeOwned,
     {
         let target = self.target;
-        let payload = encode(rpc).map_err(|e| {
-            to_rpc_error(PeerError::Decode { node: target, detail: format!("encode: {e}") })
-        })?;
+        let payload = encode(rpc)
+            .map_err(|e| to_rpc_error(PeerError::Decode { node: target, detail: format!("encode: {e}") }))?;
         let payload_len = payload.len();
         let mut client = self.pool.client(target, Some(&self.fallback_addr)).map_err(to_rpc_error)?;
         let mut req = tonic::Request::new(RaftMessage {
@@ -312,7 +311,7 @@ impl<C: GroupTypeConfig> RaftNetwork<C> for GroupNetwork<C> {
         rpc: AppendEntriesRequest<C>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        let (vote, sent) = (rpc.vote.clone(), Instant::now());
+        let (vote, sent) = (rpc.vote, Instant::now());
         let res = self.call(&rpc, &option, false).await;
         // Anything but a higher vote means the target accepted our
         // leadership (a log conflict included).
@@ -355,9 +354,8 @@ impl<C: GroupTypeConfig> RaftNetwork<C> for GroupNetwork<C> {
         _option: RPCOption,
     ) -> Result<SnapshotResponse<NodeId>, StreamingError<C, Fatal<NodeId>>> {
         let target = self.target;
-        let net_err = |detail: String| {
-            StreamingError::Network(NetworkError::new(&PeerError::Decode { node: target, detail }))
-        };
+        let net_err =
+            |detail: String| StreamingError::Network(NetworkError::new(&PeerError::Decode { node: target, detail }));
         let (extra, data) = self.snapshots.open(&snapshot, target).map_err(net_err)?;
         let header = SnapshotHeader { vote, meta: snapshot.meta.clone(), extra };
         let header = encode(&header).map_err(|e| net_err(e.to_string()))?;

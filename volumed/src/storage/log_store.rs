@@ -15,16 +15,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use openraft::storage::{LogFlushed, RaftLogStorage};
-use openraft::{AnyError, BasicNode, Entry, LogId, LogState, RaftLogReader, RaftTypeConfig, StorageError, StorageIOError, Vote};
+use openraft::{
+    AnyError, BasicNode, Entry, LogId, LogState, RaftLogReader, RaftTypeConfig, StorageError, StorageIOError, Vote,
+};
 use rocksdb::{Direction, IteratorMode, WriteBatch};
 
 use super::keys::{self, GroupId, RaftStateTag, CF_RAFT_LOG, CF_RAFT_STATE};
 use super::{decode, encode, Store};
 
 /// What every Raft group type of volumed has in common.
-pub trait GroupTypeConfig:
-    RaftTypeConfig<NodeId = u64, Node = BasicNode, Entry = Entry<Self>>
-{
+pub trait GroupTypeConfig: RaftTypeConfig<NodeId = u64, Node = BasicNode, Entry = Entry<Self>> {
     /// Whether appending this entry must fsync before it counts as stored.
     fn entry_needs_sync(entry: &Entry<Self>) -> bool;
 }
@@ -56,7 +56,11 @@ impl<C: GroupTypeConfig> LogStore<C> {
         LogStore { store, group, queued: Arc::new(AtomicU64::new(0)), _c: Default::default() }
     }
 
-    fn get_state<T: serde::de::DeserializeOwned>(&self, tag: RaftStateTag) -> Result<Option<T>, StorageIOError<NodeId>> {
+    #[allow(clippy::result_large_err)] // openraft's own error type, as its traits return it
+    fn get_state<T: serde::de::DeserializeOwned>(
+        &self,
+        tag: RaftStateTag,
+    ) -> Result<Option<T>, StorageIOError<NodeId>> {
         let cf = self.store.cf(CF_RAFT_STATE).map_err(|e| StorageIOError::read(io_err(e)))?;
         let raw = self
             .store
@@ -65,10 +69,13 @@ impl<C: GroupTypeConfig> LogStore<C> {
             .map_err(|e| StorageIOError::read(io_err(e)))?;
         match raw {
             None => Ok(None),
-            Some(b) => decode(&format!("{} raft state {tag:?}", self.group), &b).map(Some).map_err(|e| StorageIOError::read(io_err(e))),
+            Some(b) => decode(&format!("{} raft state {tag:?}", self.group), &b)
+                .map(Some)
+                .map_err(|e| StorageIOError::read(io_err(e))),
         }
     }
 
+    #[allow(clippy::result_large_err)] // openraft's own error type, as its traits return it
     fn last_entry_log_id(&self) -> Result<Option<LogId<NodeId>>, StorageIOError<NodeId>> {
         let cf = self.store.cf(CF_RAFT_LOG).map_err(|e| StorageIOError::read_logs(io_err(e)))?;
         let upper = keys::log_key(self.group, u64::MAX);
@@ -208,6 +215,9 @@ impl<C: GroupTypeConfig> RaftLogStorage<C> for LogStore<C> {
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
+        // State machines write without the WAL: before dropping log entries
+        // they may still need to replay, make their effects durable.
+        self.store.flush_memtables().map_err(|e| StorageIOError::write_logs(io_err(e)))?;
         let log_cf = self.store.cf(CF_RAFT_LOG).map_err(|e| StorageIOError::write_logs(io_err(e)))?;
         let state_cf = self.store.cf(CF_RAFT_STATE).map_err(|e| StorageIOError::write_logs(io_err(e)))?;
         let mut batch = WriteBatch::default();

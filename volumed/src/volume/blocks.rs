@@ -10,7 +10,7 @@
 //! and version `v` with next-newer version `n` is needed iff some pin lies
 //! in `[v, n)`. The chain of a block is re-examined every time the block is
 //! written, so garbage is collected on the write path with no background
-//! scan; [`BlockStore::sweep`] cleans up after a pin is released.
+//! scan; [`BlockStore::sweep_chunk`] cleans up after a pin is released.
 //!
 //! A value is `crc32 ‖ 4096 bytes`, or empty for an explicit zero block
 //! (needed only when an older, pinned version must be hidden). An absent
@@ -22,6 +22,7 @@ use std::sync::Arc;
 use rocksdb::{Direction, IteratorMode, ReadOptions, WriteBatch};
 
 use super::command::BLOCK_SIZE;
+use super::space::{collect_chain, SpaceDelta};
 use crate::storage::keys::{self, GroupId, CF_BLOCKS};
 use crate::storage::{Store, StoreError};
 
@@ -61,7 +62,9 @@ pub fn decode_value(raw: &[u8]) -> Option<Stored> {
     if raw.is_empty() {
         return Some(Stored::Zero);
     }
-    if raw.len() != 4 + BS {
+    // Block data is exactly one block; file-volume records (see
+    // `crate::file::layout`) are shorter values under the same checksum.
+    if raw.len() < 4 || raw.len() > 4 + BS {
         return None;
     }
     let (crc, data) = raw.split_at(4);
@@ -114,7 +117,11 @@ impl BlockStore {
     pub fn versions(&self, block: u64) -> Result<Vec<(u64, bool)>, StoreError> {
         let cf = self.store.cf(CF_BLOCKS)?;
         let start = keys::block_prefix(self.group, block);
-        let it = self.store.db().iterator_cf_opt(&cf, self.prefix_read_opts(block), IteratorMode::From(&start, Direction::Forward));
+        let it = self.store.db().iterator_cf_opt(
+            &cf,
+            self.prefix_read_opts(block),
+            IteratorMode::From(&start, Direction::Forward),
+        );
         let mut out = Vec::new();
         for item in it {
             let (k, v) = item?;
@@ -130,8 +137,11 @@ impl BlockStore {
     pub fn read_at(&self, block: u64, at: u64) -> Result<Option<(u64, Stored)>, BlockReadError> {
         let cf = self.store.cf(CF_BLOCKS)?;
         let start = keys::block_key(self.group, block, at);
-        let mut it =
-            self.store.db().iterator_cf_opt(&cf, self.prefix_read_opts(block), IteratorMode::From(&start, Direction::Forward));
+        let mut it = self.store.db().iterator_cf_opt(
+            &cf,
+            self.prefix_read_opts(block),
+            IteratorMode::From(&start, Direction::Forward),
+        );
         match it.next() {
             None => Ok(None),
             Some(Err(e)) => Err(BlockReadError::Store(e.into())),
@@ -249,17 +259,143 @@ impl BlockStore {
     }
 }
 
+/// What one step of a sweep (see `space`) found in a run of blocks.
+pub struct SweepChunk {
+    pub batch: WriteBatch,
+    /// First block not visited; `None` once the last stored block was.
+    pub next: Option<u64>,
+    /// Data versions dropped.
+    pub freed: u64,
+    /// Contribution of the visited blocks as they remain.
+    pub counted: SpaceDelta,
+}
+
+impl BlockStore {
+    /// Visits the chains of the blocks from `from` on — about `max_keys`
+    /// stored versions' worth, whole chains only — and stages the deletion
+    /// of every version no pin in `pins` needs. The caller writes the batch
+    /// under the same lock as applies, so `pins` cannot change meanwhile.
+    pub fn sweep_chunk(
+        &self,
+        from: u64,
+        max_keys: usize,
+        pins: &Pins,
+        user_pins: &Pins,
+    ) -> Result<SweepChunk, StoreError> {
+        let cf = self.store.cf(CF_BLOCKS)?;
+        let (_, end) = keys::group_range(self.group);
+        let start = keys::block_prefix(self.group, from);
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_upper_bound(end);
+        ro.set_total_order_seek(true);
+        ro.fill_cache(false);
+        let it = self.store.db().iterator_cf_opt(&cf, ro, IteratorMode::From(&start, Direction::Forward));
+        let mut out = SweepChunk { batch: WriteBatch::default(), next: None, freed: 0, counted: SpaceDelta::default() };
+        let mut chain: Vec<(u64, bool)> = Vec::new();
+        let mut current: Option<u64> = None;
+        for (seen, item) in it.enumerate() {
+            let (k, v) = item?;
+            let Some((g, b, version)) = keys::parse_block_key(&k) else { break };
+            if g != self.group {
+                break;
+            }
+            if current != Some(b) {
+                if let Some(prev) = current {
+                    self.collect_into(cf, prev, &chain, pins, user_pins, &mut out);
+                    chain.clear();
+                    if seen >= max_keys {
+                        out.next = Some(b);
+                        return Ok(out);
+                    }
+                }
+                current = Some(b);
+            }
+            chain.push((version, v.is_empty()));
+        }
+        if let Some(prev) = current {
+            self.collect_into(cf, prev, &chain, pins, user_pins, &mut out);
+        }
+        Ok(out)
+    }
+
+    fn collect_into(
+        &self,
+        cf: &rocksdb::ColumnFamily,
+        block: u64,
+        chain: &[(u64, bool)],
+        pins: &Pins,
+        user_pins: &Pins,
+        out: &mut SweepChunk,
+    ) {
+        let (dropped, kept) = collect_chain(chain, pins);
+        for (version, zero) in dropped {
+            out.batch.delete_cf(cf, keys::block_key(self.group, block, version));
+            if !zero {
+                out.freed += 1;
+            }
+        }
+        out.counted.add_chain(&kept, user_pins, 1);
+    }
+
+    /// The blocks holding data at log index `index` among `from..end`, in
+    /// order, as stored values (`crc ‖ data`, not yet verified): what a
+    /// user snapshot taken at `index` reads. `emit` returns false to stop.
+    /// Reads one consistent view of the database.
+    pub fn scan_at(
+        &self,
+        index: u64,
+        from: u64,
+        end: u64,
+        mut emit: impl FnMut(u64, &[u8]) -> bool,
+    ) -> Result<(), StoreError> {
+        let cf = self.store.cf(CF_BLOCKS)?;
+        let (start, stop) = keys::block_range(self.group, from, end);
+        let snap = self.store.db().snapshot();
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_upper_bound(stop);
+        ro.set_total_order_seek(true);
+        ro.fill_cache(false);
+        ro.set_snapshot(&snap);
+        let it = self.store.db().iterator_cf_opt(&cf, ro, IteratorMode::From(&start, Direction::Forward));
+        let mut done_block: Option<u64> = None;
+        for item in it {
+            let (k, v) = item?;
+            let Some((g, b, version)) = keys::parse_block_key(&k) else { break };
+            if g != self.group || b >= end {
+                break;
+            }
+            if done_block == Some(b) || version > index {
+                continue;
+            }
+            // Newest version at or below the index: this is what it reads.
+            done_block = Some(b);
+            if !v.is_empty() && !emit(b, &v) {
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Writes of one log entry, staged in a `WriteBatch` with an overlay so
 /// later ops of the same entry see earlier ones.
 pub struct EntryWriter<'a> {
     blocks: &'a BlockStore,
     version: u64,
     pins: &'a Pins,
+    /// Pins of user snapshots only (space accounting, see `space`).
+    user_pins: &'a Pins,
+    /// Blocks from here on are left to a running sweep to count.
+    count_below: u64,
     batch: WriteBatch,
     /// Content written by this entry so far.
     overlay: HashMap<u64, Stored>,
+    /// Chains of the blocks this entry touched, as staged.
+    chains: HashMap<u64, Vec<(u64, bool)>>,
     /// Change in the number of blocks whose current content is non-zero.
     pub live_delta: i64,
+    /// Change in the space counters of blocks below `count_below`.
+    pub space: SpaceDelta,
 }
 
 /// What a partial write needs but could not read: the block's current
@@ -281,7 +417,30 @@ pub enum ApplyError {
 
 impl<'a> EntryWriter<'a> {
     pub fn new(blocks: &'a BlockStore, version: u64, pins: &'a Pins) -> Self {
-        EntryWriter { blocks, version, pins, batch: WriteBatch::default(), overlay: HashMap::new(), live_delta: 0 }
+        Self::with_accounting(blocks, version, pins, pins, u64::MAX)
+    }
+
+    /// A writer that also tracks space (see [`SpaceDelta`]) for user
+    /// snapshot pins `user_pins`, for blocks below `count_below`.
+    pub fn with_accounting(
+        blocks: &'a BlockStore,
+        version: u64,
+        pins: &'a Pins,
+        user_pins: &'a Pins,
+        count_below: u64,
+    ) -> Self {
+        EntryWriter {
+            blocks,
+            version,
+            pins,
+            user_pins,
+            count_below,
+            batch: WriteBatch::default(),
+            overlay: HashMap::new(),
+            chains: HashMap::new(),
+            live_delta: 0,
+            space: SpaceDelta::default(),
+        }
     }
 
     pub fn into_batch(self) -> WriteBatch {
@@ -293,7 +452,7 @@ impl<'a> EntryWriter<'a> {
     }
 
     /// Current content of a block as seen by this entry.
-    fn current(&self, block: u64) -> Result<Stored, ApplyError> {
+    pub fn current(&self, block: u64) -> Result<Stored, ApplyError> {
         if let Some(s) = self.overlay.get(&block) {
             return Ok(s.clone());
         }
@@ -311,30 +470,43 @@ impl<'a> EntryWriter<'a> {
         let cf = self.blocks.store.cf(CF_BLOCKS)?;
         let group = self.blocks.group;
         let new_zero = content.is_zero();
-        let stored = self.blocks.versions(block)?;
-        let was_zero = match self.overlay.get(&block) {
-            Some(s) => s.is_zero(),
-            None => stored.first().is_none_or(|(_, zero)| *zero),
+        let before = match self.chains.remove(&block) {
+            Some(c) => c,
+            None => self.blocks.versions(block)?,
         };
+        let was_zero = before.first().is_none_or(|(_, zero)| *zero);
         // The chain after this write: this version, then older stored ones.
-        let older: Vec<(u64, bool)> = stored.into_iter().filter(|(v, _)| *v < self.version).collect();
+        let older: Vec<(u64, bool)> = before.iter().copied().filter(|(v, _)| *v < self.version).collect();
         let mut newer = self.version;
-        let mut kept_older = false;
-        for (v, _) in &older {
+        let mut kept = Vec::with_capacity(older.len() + 1);
+        for (v, zero) in &older {
             if pinned(self.pins, *v, newer) {
-                kept_older = true;
+                kept.push((*v, *zero));
             } else {
                 self.batch.delete_cf(&cf, keys::block_key(group, block, *v));
             }
             newer = *v;
         }
         let key = keys::block_key(group, block, self.version);
+        let mut after = Vec::with_capacity(kept.len() + 1);
         match &content {
-            Stored::Data(d) => self.batch.put_cf(&cf, key, encode_value(d)),
+            Stored::Data(d) => {
+                self.batch.put_cf(&cf, key, encode_value(d));
+                after.push((self.version, false));
+            }
             // A zero marker is needed only to hide an older, pinned version.
-            Stored::Zero if kept_older => self.batch.put_cf(&cf, key, Vec::new()),
+            Stored::Zero if !kept.is_empty() => {
+                self.batch.put_cf(&cf, key, Vec::new());
+                after.push((self.version, true));
+            }
             Stored::Zero => self.batch.delete_cf(&cf, key),
         }
+        after.extend(kept);
+        if block < self.count_below {
+            self.space.add_chain(&before, self.user_pins, -1);
+            self.space.add_chain(&after, self.user_pins, 1);
+        }
+        self.chains.insert(block, after);
         self.live_delta += match (was_zero, new_zero) {
             (true, false) => 1,
             (false, true) => -1,
@@ -425,7 +597,12 @@ mod tests {
         (dir, bs)
     }
 
-    fn apply(bs: &BlockStore, version: u64, pins: &Pins, f: impl FnOnce(&mut EntryWriter) -> Result<(), ApplyError>) -> i64 {
+    fn apply(
+        bs: &BlockStore,
+        version: u64,
+        pins: &Pins,
+        f: impl FnOnce(&mut EntryWriter) -> Result<(), ApplyError>,
+    ) -> i64 {
         let mut w = EntryWriter::new(bs, version, pins);
         f(&mut w).unwrap();
         let delta = w.live_delta;
@@ -509,6 +686,67 @@ mod tests {
         assert!(matches!(w.write(10, b"x"), Err(ApplyError::NeedsRepair(NeedsRepair { block: 0, version: 5 }))));
         bs.repair(0, 5, &Stored::Data(vec![4u8; BS])).unwrap();
         assert_eq!(read(&bs, 0, u64::MAX), vec![4u8; BS]);
+    }
+
+    #[test]
+    fn accounting_tracks_held_and_exclusive_versions() {
+        let (_d, bs) = setup();
+        let none = Pins::new();
+        let user: Pins = [15].into();
+        let acc = |version: u64, pins: &Pins, f: &dyn Fn(&mut EntryWriter) -> Result<(), ApplyError>| {
+            let mut w = EntryWriter::with_accounting(&bs, version, pins, pins, u64::MAX);
+            f(&mut w).unwrap();
+            let d = w.space.clone();
+            bs.store().write(w.into_batch()).unwrap();
+            d
+        };
+        assert!(acc(10, &none, &|w| w.write(0, &[1u8; 2 * BS])).is_empty());
+        // Overwrite under a snapshot at 15: both old versions become held
+        // and exclusive to it; twice in one entry counts once.
+        let d = acc(20, &user, &|w| {
+            w.write(0, &[2u8; 2 * BS])?;
+            w.write(0, &[3u8; BS])
+        });
+        assert_eq!(d.held, 2);
+        assert_eq!(d.exclusive.get(&15), Some(&2));
+        // Trimming a block keeps a marker: no change in held data.
+        let d = acc(30, &user, &|w| w.zero(0, 4096));
+        assert!(d.is_empty(), "{d:?}");
+        // With the pin gone, the next write drops the old version.
+        let d = acc(40, &none, &|w| w.write(4096, &[4u8; BS]));
+        assert_eq!(d.held, -1);
+    }
+
+    #[test]
+    fn sweep_drops_unpinned_versions_and_counts_the_rest() {
+        let (_d, bs) = setup();
+        let pins: Pins = [15, 25].into();
+        for (v, byte) in [(10u64, 1u8), (20, 2), (30, 3)] {
+            apply(&bs, v, &pins, |w| {
+                w.write(0, &[byte; BS])?;
+                w.write(4096 * 7, &[byte; BS])
+            });
+        }
+        assert_eq!(bs.versions(0).unwrap().len(), 3);
+        // Snapshot 15 deleted: version 10 is garbage, 20 is read by 25.
+        let left: Pins = [25].into();
+        let c = bs.sweep_chunk(0, 1, &left, &left).unwrap();
+        assert_eq!(c.next, Some(7), "one chain per step at max_keys 1");
+        assert_eq!(c.freed, 1);
+        assert_eq!(c.counted.held, 1);
+        bs.store().write(c.batch).unwrap();
+        let c = bs.sweep_chunk(7, 1000, &left, &left).unwrap();
+        assert_eq!((c.next, c.freed), (None, 1));
+        bs.store().write(c.batch).unwrap();
+        assert_eq!(bs.versions(0).unwrap(), vec![(30, false), (20, false)]);
+        assert_eq!(read(&bs, 0, 25), vec![2u8; BS]);
+        let mut seen = Vec::new();
+        bs.scan_at(25, 0, 8, |b, v| {
+            seen.push((b, decode_value(v).unwrap()));
+            true
+        })
+        .unwrap();
+        assert_eq!(seen, vec![(0, Stored::Data(vec![2u8; BS])), (7, Stored::Data(vec![2u8; BS]))]);
     }
 
     #[test]

@@ -30,7 +30,12 @@ impl QosLimits {
     /// they were set (CSI layer); anything unparsable counts as unlimited.
     pub fn from_parameters(p: &BTreeMap<String, String>) -> QosLimits {
         let get = |k: &str| p.get(k).and_then(|v| parse_quantity(v)).unwrap_or(0);
-        QosLimits { read_iops: get(READ_IOPS), write_iops: get(WRITE_IOPS), read_bps: get(READ_BPS), write_bps: get(WRITE_BPS) }
+        QosLimits {
+            read_iops: get(READ_IOPS),
+            write_iops: get(WRITE_IOPS),
+            read_bps: get(READ_BPS),
+            write_bps: get(WRITE_BPS),
+        }
     }
 
     pub fn is_unlimited(&self) -> bool {

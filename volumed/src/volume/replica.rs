@@ -8,7 +8,7 @@
 //! lease (see `raft::VOLUME_READ_LEASE`), falling back to a Raft read-index
 //! round when the lease cannot be confirmed.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -19,16 +19,19 @@ use futures::future::BoxFuture;
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::{BasicNode, ChangeMembers, Raft, ServerState};
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot, OwnedRwLockWriteGuard, RwLock, Semaphore};
 use tracing::{debug, info, warn, Instrument};
 use volumed_nbd::BlockError;
 use volumed_proto::volumed::v1::FetchBlockRequest;
 
 use super::blocks::{decode_value, encode_value, BlockReadError, BlockStore, Stored, BS};
-use super::command::{IoKind, IoOp, OpResult, VolumeCommand, VolumeTc, BLOCK_SIZE, MAX_ENTRY_BYTES};
+use super::command::{
+    Hydration, IoKind, IoOp, OpResult, UserSnapshot, VolumeCommand, VolumeResponse, VolumeTc, BLOCK_SIZE,
+    MAX_ENTRY_BYTES,
+};
 use super::qos::{Direction, Qos};
 use super::snapshot::{TransferProgress, VolumeSnapshotSource};
-use super::state_machine::{lock, BlockFetcher, ReplicaCounters, SmShared, VolumeStateMachine};
+use super::state_machine::{lock, BlockFetcher, ReplicaCounters, SmShared, VolumeMeta, VolumeStateMachine};
 use crate::raft::network::{GroupNetworkFactory, LeaderAcks, PeerPool};
 use crate::raft::{role_of, volume_config, Role, VOLUME_READ_LEASE};
 use crate::storage::keys::GroupId;
@@ -40,7 +43,7 @@ pub const MAX_IO: u32 = 32 << 20;
 
 /// Proposals in flight per replica. More lets the proposer keep the Raft
 /// pipeline full; fewer makes each entry carry more requests.
-const MAX_PROPOSALS_IN_FLIGHT: usize = 8;
+const MAX_PROPOSALS_IN_FLIGHT: usize = 2;
 const MAX_OPS_PER_ENTRY: usize = 256;
 
 #[derive(Debug, thiserror::Error)]
@@ -84,6 +87,29 @@ pub struct ReplicaReport {
     pub crc_unrepairable: u64,
     /// Set when the replica's Raft stopped on an error.
     pub fatal: Option<String>,
+    /// User snapshots of the volume, with their space.
+    pub snapshots: Vec<SnapshotReport>,
+    /// Stored data blocks that are not current content (held by snapshots).
+    pub held_blocks: u64,
+    /// Next block of a running sweep (space numbers are as of its start).
+    pub sweep_cursor: Option<u64>,
+    /// Data blocks dropped by sweeps on this replica, ever / the last one.
+    pub reclaimed_blocks: u64,
+    pub last_sweep_freed_blocks: u64,
+    /// A restore into this volume, with its progress.
+    pub hydration: Option<Hydration>,
+}
+
+/// One user snapshot in a replica report.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct SnapshotReport {
+    pub id: uuid::Uuid,
+    pub index: u64,
+    pub created_at_ms: i64,
+    pub size_bytes: u64,
+    pub live_blocks: u64,
+    /// Data blocks only this snapshot reads (freed by deleting it).
+    pub exclusive_blocks: u64,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -132,8 +158,34 @@ pub struct VolumeReplica {
     compaction_rounds: AtomicU32,
     /// Followers' acknowledgements of this node's leadership (read lease).
     acks: Arc<LeaderAcks>,
+    /// Writes hold it shared from admission to completion; a write barrier
+    /// (group snapshots) holds it exclusively.
+    gate: Arc<RwLock<()>>,
+    barriers: Mutex<HashMap<u64, Barrier>>,
+    /// The copy task while this volume is restored from a snapshot.
+    hydrator: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
+/// A write barrier held on the leader (see [`VolumeReplica::barrier`]).
+struct Barrier {
+    term: u64,
+    _guard: OwnedRwLockWriteGuard<()>,
+    expiry: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("node {node} does not lead volume {volume}")]
+    NotLeader { node: NodeId, volume: GroupId },
+    #[error("volume {volume}: {detail}")]
+    Refused { volume: GroupId, detail: String },
+    #[error("volume {volume}: in-flight writes did not finish within {waited:?}")]
+    BarrierTimeout { volume: GroupId, waited: Duration },
+    #[error("volume {volume}: the write barrier {token} is gone (expired or leadership changed)")]
+    BarrierLost { volume: GroupId, token: u64 },
+    #[error("volume {volume}: {detail}")]
+    Raft { volume: GroupId, detail: String },
+}
 /// Fetches block copies from the other members of the group.
 struct PeerFetcher {
     group: GroupId,
@@ -213,17 +265,23 @@ impl VolumeReplica {
             pool: ctx.pool.clone(),
             shared: shared_slot.clone(),
         });
-        let (sm, shared, size) = VolumeStateMachine::open(ctx.store.clone(), id, ctx.snap_dir.clone(), fetcher, counters.clone())
-            .map_err(|e| ReplicaError::Storage { volume: id, detail: e.to_string() })?;
+        let (sm, shared, size) =
+            VolumeStateMachine::open(ctx.store.clone(), id, ctx.snap_dir.clone(), fetcher, counters.clone())
+                .map_err(|e| ReplicaError::Storage { volume: id, detail: e.to_string() })?;
         if let Ok(mut slot) = shared_slot.lock() {
             *slot = Some(shared.clone());
         }
         let blocks = BlockStore::new(ctx.store.clone(), id);
         let progress = Arc::new(TransferProgress::default());
-        let source = Arc::new(VolumeSnapshotSource { blocks: blocks.clone(), shared: shared.clone(), progress: progress.clone() });
+        let source = Arc::new(VolumeSnapshotSource {
+            blocks: blocks.clone(),
+            shared: shared.clone(),
+            progress: progress.clone(),
+        });
         let network = GroupNetworkFactory::<VolumeTc>::new(id, ctx.pool.clone(), source);
         let acks = network.acks();
-        let config = volume_config(&id.to_string()).map_err(|e| ReplicaError::Raft { volume: id, detail: e.to_string() })?;
+        let config =
+            volume_config(&id.to_string()).map_err(|e| ReplicaError::Raft { volume: id, detail: e.to_string() })?;
         let log = LogStore::<VolumeTc>::new(ctx.store.clone(), id);
         let raft = Raft::new(ctx.node_id, config, network, log, sm)
             .await
@@ -244,8 +302,15 @@ impl VolumeReplica {
             qos: Qos::default(),
             compaction_rounds: AtomicU32::new(0),
             acks,
+            gate: Arc::new(RwLock::new(())),
+            barriers: Mutex::new(HashMap::new()),
+            hydrator: Mutex::new(None),
         });
         tokio::spawn(run_proposer(raft, rx).instrument(tracing::info_span!("proposer", volume = %id)));
+        tokio::spawn(
+            super::sweep::run(replica.blocks.clone(), replica.shared.clone())
+                .instrument(tracing::info_span!("sweeper", volume = %id)),
+        );
         Ok(replica)
     }
 
@@ -301,7 +366,7 @@ impl VolumeReplica {
         voters.len() <= 1 || self.acks.quorum_within(self.node_id, &m.vote, &voters, VOLUME_READ_LEASE)
     }
 
-    async fn ensure_readable(&self) -> Result<(), BlockError> {
+    pub(crate) async fn ensure_readable(&self) -> Result<(), BlockError> {
         if self.lease_valid() {
             return Ok(());
         }
@@ -316,6 +381,7 @@ impl VolumeReplica {
             return Err(BlockError::Invalid(format!("read length {len}")));
         }
         self.ensure_readable().await?;
+        self.refuse_while_hydrating()?;
         self.qos.acquire(Direction::Read, len as u64).await;
         let end = offset.checked_add(len as u64).ok_or(BlockError::OutOfRange)?;
         if end > self.size() {
@@ -341,7 +407,7 @@ impl VolumeReplica {
         Ok(buf.freeze().slice(start..start + len as usize))
     }
 
-    async fn repair_for_read(&self, block: u64, version: u64) -> Result<Stored, BlockError> {
+    pub(crate) async fn repair_for_read(&self, block: u64, version: u64) -> Result<Stored, BlockError> {
         let members = self.members();
         match fetch_from_peers(&self.pool, self.id, self.node_id, &members, block, version).await {
             Ok(content) => {
@@ -368,7 +434,11 @@ impl VolumeReplica {
             // Zeroing stores nothing: it counts as one operation.
             IoKind::Zero { .. } => 0,
         };
+        self.refuse_while_hydrating()?;
         self.qos.acquire(Direction::Write, bytes).await;
+        // Held until the write completes: a barrier waits for it, and
+        // writes arriving after a barrier wait for its release.
+        let _admitted = self.gate.clone().read_owned().await;
         let ops: Vec<IoOp> = match kind {
             IoKind::Write { offset, data } if data.len() > MAX_ENTRY_BYTES => {
                 let mut ops = Vec::new();
@@ -415,10 +485,159 @@ impl VolumeReplica {
     }
 
     pub async fn write_command(&self, cmd: VolumeCommand) -> Result<(), BlockError> {
+        self.propose(cmd).await.map(|_| ())
+    }
+
+    /// Proposes a command and returns the state machine's answer.
+    pub async fn propose(&self, cmd: VolumeCommand) -> Result<VolumeResponse, BlockError> {
         match self.raft.client_write(cmd).await {
-            Ok(_) => Ok(()),
+            Ok(r) => Ok(r.data),
             Err(e) => Err(unavailable(format!("volume {}: {e}", self.id))),
         }
+    }
+
+    pub(crate) fn refuse_while_hydrating(&self) -> Result<(), BlockError> {
+        let s = lock(&self.shared);
+        match &s.meta.hydration {
+            Some(h) if !h.finished => Err(unavailable(format!(
+                "volume {} is being restored from snapshot {}: {} of {} blocks copied",
+                self.id, h.source_snapshot, h.copied_blocks, h.total_blocks
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// The replicated metadata as applied here.
+    pub fn meta(&self) -> VolumeMeta {
+        lock(&self.shared).meta.clone()
+    }
+
+    pub fn blocks(&self) -> &BlockStore {
+        &self.blocks
+    }
+
+    /// Leader only: takes a user snapshot at the next log index. With
+    /// `barrier`, the snapshot must be cut under that write barrier, in
+    /// the term it was raised in (a leader change in between could have
+    /// admitted writes the barrier was meant to hold back).
+    pub async fn create_snapshot(
+        &self,
+        id: uuid::Uuid,
+        created_at_ms: i64,
+        barrier: Option<u64>,
+    ) -> Result<UserSnapshot, SnapshotError> {
+        if !self.is_leader() {
+            return Err(SnapshotError::NotLeader { node: self.node_id, volume: self.id });
+        }
+        let term = match barrier {
+            Some(token) => Some(self.barrier_term(token).ok_or(SnapshotError::BarrierLost { volume: self.id, token })?),
+            None => None,
+        };
+        let r = match self.raft.client_write(VolumeCommand::CreateSnapshot { id, created_at_ms }).await {
+            Ok(r) => r,
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
+                return Err(SnapshotError::NotLeader { node: self.node_id, volume: self.id })
+            }
+            Err(e) => return Err(SnapshotError::Raft { volume: self.id, detail: e.to_string() }),
+        };
+        if let (Some(term), Some(token)) = (term, barrier) {
+            if r.log_id.leader_id.term != term || self.barrier_term(token) != Some(term) {
+                return Err(SnapshotError::BarrierLost { volume: self.id, token });
+            }
+        }
+        if let Some(why) = r.data.refused {
+            return Err(SnapshotError::Refused { volume: self.id, detail: why });
+        }
+        r.data
+            .snapshot
+            .ok_or_else(|| SnapshotError::Raft { volume: self.id, detail: "no snapshot in the answer".into() })
+    }
+
+    /// Leader only: deletes a user snapshot (idempotent). Returns whether
+    /// it existed.
+    pub async fn delete_snapshot(&self, id: uuid::Uuid) -> Result<bool, SnapshotError> {
+        if !self.is_leader() {
+            return Err(SnapshotError::NotLeader { node: self.node_id, volume: self.id });
+        }
+        if !lock(&self.shared).meta.snapshots.contains_key(&id) {
+            // Applied here means committed: nothing to do.
+            return Ok(false);
+        }
+        match self.raft.client_write(VolumeCommand::DeleteSnapshot { id }).await {
+            Ok(r) => Ok(r.data.existed),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
+                Err(SnapshotError::NotLeader { node: self.node_id, volume: self.id })
+            }
+            Err(e) => Err(SnapshotError::Raft { volume: self.id, detail: e.to_string() }),
+        }
+    }
+
+    /// Leader only: a write barrier for a consistent cut across volumes.
+    /// New writes wait from now on; returns once every write admitted
+    /// before has completed (or fails after `wait`). The barrier is
+    /// released by [`release`](Self::release), or by itself after `hold`,
+    /// so a coordinator that died cannot stall the volume. Returns the term.
+    pub async fn barrier(self: &Arc<Self>, token: u64, wait: Duration, hold: Duration) -> Result<u64, SnapshotError> {
+        if let Some(term) = self.barrier_term(token) {
+            return Ok(term);
+        }
+        if !self.is_leader() {
+            return Err(SnapshotError::NotLeader { node: self.node_id, volume: self.id });
+        }
+        let term = self.raft.metrics().borrow().current_term;
+        let guard = tokio::time::timeout(wait, self.gate.clone().write_owned())
+            .await
+            .map_err(|_| SnapshotError::BarrierTimeout { volume: self.id, waited: wait })?;
+        if !self.is_leader() || self.raft.metrics().borrow().current_term != term {
+            return Err(SnapshotError::NotLeader { node: self.node_id, volume: self.id });
+        }
+        let me = Arc::downgrade(self);
+        let expiry = tokio::spawn(async move {
+            tokio::time::sleep(hold).await;
+            if let Some(r) = me.upgrade() {
+                if r.release(token) {
+                    warn!(volume = %r.id, token, "write barrier expired before it was released");
+                }
+            }
+        });
+        if let Ok(mut b) = self.barriers.lock() {
+            b.insert(token, Barrier { term, _guard: guard, expiry });
+        }
+        Ok(term)
+    }
+
+    fn barrier_term(&self, token: u64) -> Option<u64> {
+        self.barriers.lock().ok().and_then(|b| b.get(&token).map(|b| b.term))
+    }
+
+    /// Releases a write barrier; returns whether it was held.
+    pub fn release(&self, token: u64) -> bool {
+        let b = self.barriers.lock().ok().and_then(|mut b| b.remove(&token));
+        match b {
+            Some(b) => {
+                b.expiry.abort();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Leader only: makes sure the copy from the source snapshot runs
+    /// while this volume is being restored. `sources` are nodes holding
+    /// the source volume.
+    pub fn ensure_hydrating(self: &Arc<Self>, sources: Vec<NodeId>) {
+        if !lock(&self.shared).meta.hydrating() || !self.is_leader() {
+            return;
+        }
+        let Ok(mut slot) = self.hydrator.lock() else { return };
+        if slot.as_ref().is_some_and(|h| !h.is_finished()) {
+            return;
+        }
+        let me = self.clone();
+        let pool = self.pool.clone();
+        *slot = Some(tokio::spawn(
+            super::hydrate::run(me, pool, sources).instrument(tracing::info_span!("hydrate", volume = %self.id)),
+        ));
     }
 
     /// Serves a peer's repair request: our verified copy of one version.
@@ -479,11 +698,35 @@ impl VolumeReplica {
             .map(|r| r.iter().map(|(n, l)| (*n, l.map(|l| l.index).unwrap_or(0))).collect())
             .unwrap_or_default();
         let transfers = if m.state == ServerState::Leader {
-            voters.iter().chain(learners.iter()).filter_map(|n| self.progress.get(*n).map(|(d, t)| (*n, d, t))).collect()
+            voters
+                .iter()
+                .chain(learners.iter())
+                .filter_map(|n| self.progress.get(*n).map(|(d, t)| (*n, d, t)))
+                .collect()
         } else {
             Vec::new()
         };
+        let space = s.space.current();
+        let snapshots = s
+            .meta
+            .snapshots
+            .values()
+            .map(|u| SnapshotReport {
+                id: u.id,
+                index: u.index,
+                created_at_ms: u.created_at_ms,
+                size_bytes: u.size_bytes,
+                live_blocks: u.live_blocks,
+                exclusive_blocks: space.exclusive.get(&u.index).copied().unwrap_or(0),
+            })
+            .collect();
         ReplicaReport {
+            snapshots,
+            held_blocks: space.held,
+            sweep_cursor: s.space.sweep.as_ref().map(|w| w.cursor),
+            reclaimed_blocks: s.space.reclaimed,
+            last_sweep_freed_blocks: s.space.last_sweep_freed,
+            hydration: s.meta.hydration.clone(),
             volume: self.id.0,
             role: Some(role_of(&m).into()),
             term: m.current_term,
@@ -534,9 +777,10 @@ impl VolumeReplica {
         if voters != want {
             let last = m.last_log_index.unwrap_or(0);
             let replication = m.replication.clone().unwrap_or_default();
-            let caught_up = want.iter().filter(|n| !voters.contains(n)).all(|n| {
-                replication.get(n).and_then(|l| l.map(|l| l.index)).is_some_and(|i| i + 64 >= last)
-            });
+            let caught_up = want
+                .iter()
+                .filter(|n| !voters.contains(n))
+                .all(|n| replication.get(n).and_then(|l| l.map(|l| l.index)).is_some_and(|i| i + 64 >= last));
             if !caught_up {
                 return;
             }
@@ -599,6 +843,10 @@ impl VolumeReplica {
     }
 
     pub async fn shutdown(&self) {
+        lock(&self.shared).stopped = true;
+        if let Some(h) = self.hydrator.lock().ok().and_then(|mut h| h.take()) {
+            h.abort();
+        }
         if let Err(e) = self.raft.shutdown().await {
             warn!(volume = %self.id, error = %e, "raft shutdown");
         }

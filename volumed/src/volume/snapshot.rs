@@ -35,8 +35,9 @@ use crate::storage::{decode, encode, StoreError};
 /// What openraft carries around as "the snapshot".
 #[derive(Debug)]
 pub enum VolumeSnapshotData {
-    /// Our own snapshot: the pinned index; data is read from RocksDB when sent.
-    Local { index: u64 },
+    /// Our own snapshot: an index, pinned while this value (or a stream of
+    /// it) lives; data is read from RocksDB when sent.
+    Local { index: u64, volume: VolumeMeta, pin: Arc<StreamPin> },
     /// A snapshot received from the leader, spooled to a file.
     Received { path: PathBuf, volume: VolumeMeta },
 }
@@ -70,9 +71,20 @@ pub struct VolumeSnapshotSource {
     pub progress: Arc<TransferProgress>,
 }
 
-struct StreamPin {
+/// Keeps the versions visible at `index` from being collected.
+#[derive(Debug)]
+pub struct StreamPin {
     shared: Arc<Mutex<SmShared>>,
     index: u64,
+}
+
+impl StreamPin {
+    /// Pins `index`; the caller holds the state-machine lock, so no write can
+    /// collect a version between reading the index and pinning it.
+    pub fn new(shared_locked: &mut SmShared, shared: Arc<Mutex<SmShared>>, index: u64) -> StreamPin {
+        *shared_locked.stream_pins.entry(index).or_insert(0) += 1;
+        StreamPin { shared, index }
+    }
 }
 
 impl Drop for StreamPin {
@@ -93,20 +105,10 @@ impl SnapshotSource<VolumeTc> for VolumeSnapshotSource {
         snapshot: &Snapshot<VolumeTc>,
         target: NodeId,
     ) -> Result<(Vec<u8>, BoxStream<'static, Result<Bytes, String>>), String> {
-        let VolumeSnapshotData::Local { index } = *snapshot.snapshot else {
+        let VolumeSnapshotData::Local { index, ref volume, ref pin } = *snapshot.snapshot else {
             return Err("only local snapshots can be sent".into());
         };
-        let (volume, pin) = {
-            let mut s = lock(&self.shared);
-            let record = s
-                .raft_snapshot
-                .as_ref()
-                .filter(|r| r.index() == index)
-                .ok_or_else(|| format!("snapshot at index {index} is no longer current"))?
-                .clone();
-            *s.stream_pins.entry(index).or_insert(0) += 1;
-            (record.volume, StreamPin { shared: self.shared.clone(), index })
-        };
+        let (volume, pin) = (volume.clone(), pin.clone());
         let header = encode(&volume).map_err(|e| e.to_string())?;
         let total = volume.live_blocks * (super::command::BLOCK_SIZE + 24);
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, String>>(4);

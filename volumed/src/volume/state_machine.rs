@@ -21,9 +21,13 @@ use rocksdb::WriteBatch;
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
-use super::blocks::{ApplyError, BlockStore, EntryWriter, Pins, Stored};
-use super::command::{IoKind, OpResult, VolumeCommand, VolumeResponse, VolumeTc};
-use super::snapshot::{self, VolumeSnapshotData};
+use tokio::sync::Notify;
+use uuid::Uuid;
+
+use super::blocks::{all_zero, ApplyError, BlockStore, EntryWriter, Pins, Stored, BS};
+use super::command::{Hydration, IoKind, OpResult, UserSnapshot, VolumeCommand, VolumeResponse, VolumeTc, BLOCK_SIZE};
+use super::snapshot::{self, StreamPin, VolumeSnapshotData};
+use super::space::LocalSpace;
 use crate::storage::keys::{self, GroupId, SmTag, CF_SM};
 use crate::storage::log_store::{io_err, NodeId};
 use crate::storage::{decode, encode, Store, StoreError};
@@ -36,8 +40,20 @@ pub struct VolumeMeta {
     pub exclusive: bool,
     /// Blocks whose current content is not zero.
     pub live_blocks: u64,
-    /// Indexes pinned by user snapshots.
+    /// Indexes pinned by user snapshots (those of `snapshots`).
     pub snapshot_pins: BTreeSet<u64>,
+    /// User snapshots by id. Part of the Raft snapshot header, so a
+    /// rebuilt replica carries them.
+    pub snapshots: BTreeMap<Uuid, UserSnapshot>,
+    /// Set while (and after) this volume is restored from a snapshot.
+    pub hydration: Option<Hydration>,
+}
+
+impl VolumeMeta {
+    /// Whether a restore into this volume is still copying.
+    pub fn hydrating(&self) -> bool {
+        self.hydration.as_ref().is_some_and(|h| !h.finished)
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -45,6 +61,8 @@ struct AppliedRecord {
     last_applied: Option<LogId<NodeId>>,
     membership: StoredMembership<NodeId, BasicNode>,
     meta: VolumeMeta,
+    /// Replica-local space accounting (see `space`).
+    space: LocalSpace,
 }
 
 /// The current Raft snapshot of this replica: an index and the metadata as
@@ -80,14 +98,24 @@ pub struct SmShared {
     pub raft_snapshot: Option<RaftSnapshotRecord>,
     /// Indexes pinned while a snapshot at that index is being streamed.
     pub stream_pins: BTreeMap<u64, usize>,
+    pub space: LocalSpace,
+    /// Wakes the sweeper when a sweep starts.
+    pub sweep_wake: Arc<Notify>,
+    /// Set when the replica shuts down: background work must not write
+    /// (the group's keys may be deleted next).
+    pub stopped: bool,
 }
+
+/// A state machine as opened: itself, the state it shares with the replica
+/// runtime, and the volume size it publishes.
+pub type OpenedStateMachine = (VolumeStateMachine, Arc<Mutex<SmShared>>, Arc<AtomicU64>);
 
 impl SmShared {
     pub fn pins(&self) -> Pins {
+        // The Raft snapshot record does not pin: a snapshot pins its index
+        // only while openraft holds or streams it (see get_current_snapshot),
+        // so volumes without user snapshots keep no old block versions.
         let mut p = self.meta.snapshot_pins.clone();
-        if let Some(r) = &self.raft_snapshot {
-            p.insert(r.index());
-        }
         p.extend(self.stream_pins.keys().copied());
         p
     }
@@ -137,7 +165,7 @@ impl VolumeStateMachine {
         snap_dir: PathBuf,
         fetcher: Arc<dyn BlockFetcher>,
         counters: Arc<ReplicaCounters>,
-    ) -> Result<(VolumeStateMachine, Arc<Mutex<SmShared>>, Arc<AtomicU64>), StoreError> {
+    ) -> Result<OpenedStateMachine, StoreError> {
         let blocks = BlockStore::new(store.clone(), group);
         let cf = store.cf(CF_SM)?;
         if let Some(raw) = store.db().get_cf(&cf, keys::sm_key(group, SmTag::InstallMarker))? {
@@ -161,17 +189,12 @@ impl VolumeStateMachine {
             membership: applied.membership,
             raft_snapshot,
             stream_pins: BTreeMap::new(),
+            space: applied.space,
+            sweep_wake: Arc::new(Notify::new()),
+            stopped: false,
         }));
         let sm = VolumeStateMachine { blocks, shared: shared.clone(), size: size.clone(), fetcher, counters, snap_dir };
         Ok((sm, shared, size))
-    }
-
-    fn applied_record_bytes(shared: &SmShared) -> Result<Vec<u8>, StoreError> {
-        encode(&AppliedRecord {
-            last_applied: shared.last_applied,
-            membership: shared.membership.clone(),
-            meta: shared.meta.clone(),
-        })
     }
 
     /// Applies one entry atomically. Returns the response, or the block that
@@ -179,9 +202,13 @@ impl VolumeStateMachine {
     fn apply_entry(&self, entry: &Entry<VolumeTc>) -> Result<VolumeResponse, ApplyError> {
         let mut shared = lock(&self.shared);
         let pins = shared.pins();
+        let user_pins = shared.meta.snapshot_pins.clone();
         let version = entry.log_id.index;
-        let mut writer = EntryWriter::new(&self.blocks, version, &pins);
+        let mut writer =
+            EntryWriter::with_accounting(&self.blocks, version, &pins, &user_pins, shared.space.count_below());
         let mut meta = shared.meta.clone();
+        let mut space = shared.space.clone();
+        let mut sweep_started = false;
         let mut membership = None;
         let mut resp = VolumeResponse::default();
         match &entry.payload {
@@ -218,25 +245,106 @@ impl VolumeStateMachine {
                     meta.fence_floor = meta.fence_floor.max(*floor);
                     meta.exclusive = *exclusive;
                 }
+                VolumeCommand::CreateSnapshot { id, created_at_ms } => {
+                    if let Some(existing) = meta.snapshots.get(id) {
+                        resp.snapshot = Some(existing.clone());
+                    } else if meta.hydrating() {
+                        resp.refused = Some("the volume is still being restored from a snapshot".into());
+                    } else {
+                        let rec = UserSnapshot {
+                            id: *id,
+                            index: version,
+                            created_at_ms: *created_at_ms,
+                            size_bytes: meta.size_bytes,
+                            live_blocks: meta.live_blocks,
+                        };
+                        meta.snapshot_pins.insert(version);
+                        meta.snapshots.insert(*id, rec.clone());
+                        resp.snapshot = Some(rec);
+                    }
+                }
+                VolumeCommand::DeleteSnapshot { id } => {
+                    if let Some(rec) = meta.snapshots.remove(id) {
+                        meta.snapshot_pins.remove(&rec.index);
+                        resp.existed = true;
+                        space.start_sweep();
+                        sweep_started = true;
+                    }
+                }
+                VolumeCommand::StartHydration(h) => {
+                    if meta.hydration.is_none() && meta.live_blocks == 0 {
+                        meta.hydration =
+                            Some(Hydration { next_block: 0, copied_blocks: 0, finished: false, ..h.clone() });
+                    } else if meta.hydration.as_ref().map(|x| (x.source_snapshot, x.source_index))
+                        != Some((h.source_snapshot, h.source_index))
+                    {
+                        resp.refused = Some("the volume already holds data or another restore".into());
+                    }
+                }
+                VolumeCommand::File(ops) => {
+                    resp.file = crate::file::apply::apply(&mut writer, &self.blocks, meta.size_bytes, version, ops)?
+                }
+                VolumeCommand::Hydrate { from_block, next_block, blocks } => match &mut meta.hydration {
+                    Some(h) if !h.finished && h.next_block == *from_block => {
+                        // A block volume's copy ends at its size; a file
+                        // volume's covers its reserved ranges, whose
+                        // records are shorter than a block.
+                        let in_size = |b: u64| {
+                            b.checked_add(1)
+                                .and_then(|e| e.checked_mul(BLOCK_SIZE))
+                                .is_some_and(|e| e <= meta.size_bytes)
+                        };
+                        let file_copy = h.end_block == super::hydrate::file_copy_end();
+                        for (block, data) in blocks {
+                            let fits = *block >= *from_block
+                                && *block < *next_block
+                                && *block < h.end_block
+                                && (file_copy || in_size(*block));
+                            let sized = if file_copy { !data.is_empty() && data.len() <= BS } else { data.len() == BS };
+                            if !fits || !sized {
+                                resp.refused = Some(format!("block {block} of the copy is out of range"));
+                                break;
+                            }
+                            let content = if data.len() == BS && all_zero(data) {
+                                Stored::Zero
+                            } else {
+                                Stored::Data(data.to_vec())
+                            };
+                            writer.put_block(*block, content)?;
+                        }
+                        if resp.refused.is_none() {
+                            h.next_block = (*next_block).min(h.end_block);
+                            h.copied_blocks += blocks.len() as u64;
+                            h.finished = h.next_block >= h.end_block;
+                        }
+                    }
+                    _ => resp.refused = Some(format!("copy chunk from block {from_block} is out of order")),
+                },
             },
         }
+        if resp.refused.is_some() && matches!(&entry.payload, EntryPayload::Normal(VolumeCommand::Hydrate { .. })) {
+            // Nothing of a refused chunk may stay staged.
+            writer = EntryWriter::with_accounting(&self.blocks, version, &pins, &user_pins, shared.space.count_below());
+        }
         meta.live_blocks = meta.live_blocks.saturating_add_signed(writer.live_delta);
+        space.apply(&writer.space);
         let mut batch: WriteBatch = writer.into_batch();
-        let mut next = SmShared {
-            meta,
-            last_applied: Some(entry.log_id),
-            membership: membership.unwrap_or_else(|| shared.membership.clone()),
-            raft_snapshot: None,
-            stream_pins: BTreeMap::new(),
-        };
+        let membership = membership.unwrap_or_else(|| shared.membership.clone());
+        let record = AppliedRecord { last_applied: Some(entry.log_id), membership, meta, space };
         let cf = self.blocks.store().cf(CF_SM)?;
-        batch.put_cf(&cf, keys::sm_key(self.blocks.group(), SmTag::Applied), Self::applied_record_bytes(&next)?);
-        self.blocks.store().write(batch)?;
-        // Only now, with the data on disk, does the new state become visible.
-        shared.meta = std::mem::take(&mut next.meta);
-        shared.last_applied = next.last_applied;
-        shared.membership = next.membership;
+        batch.put_cf(&cf, keys::sm_key(self.blocks.group(), SmTag::Applied), encode(&record)?);
+        // No WAL: this entry is in the Raft log, which replays it after a
+        // crash (see Store::write_unlogged).
+        self.blocks.store().write_unlogged(batch)?;
+        // Only now, with the data written, does the new state become visible.
+        shared.meta = record.meta;
+        shared.last_applied = record.last_applied;
+        shared.membership = record.membership;
+        shared.space = record.space;
         self.size.store(shared.meta.size_bytes, Ordering::Release);
+        if sweep_started {
+            shared.sweep_wake.notify_one();
+        }
         Ok(resp)
     }
 
@@ -261,6 +369,14 @@ impl VolumeStateMachine {
     }
 }
 
+/// Space state of a replica whose data was just replaced: unknown until a
+/// sweep has counted every block.
+fn recount() -> LocalSpace {
+    let mut s = LocalSpace::default();
+    s.start_sweep();
+    s
+}
+
 fn finish_install(blocks: &BlockStore, marker: &InstallMarker) -> Result<(), StoreError> {
     let group = blocks.group();
     let store = blocks.store();
@@ -276,6 +392,7 @@ fn finish_install(blocks: &BlockStore, marker: &InstallMarker) -> Result<(), Sto
         last_applied: marker.record.meta.last_log_id,
         membership: marker.record.meta.last_membership.clone(),
         meta: marker.record.volume.clone(),
+        space: recount(),
     };
     batch.put_cf(&sm_cf, keys::sm_key(group, SmTag::Applied), encode(&applied)?);
     batch.put_cf(&sm_cf, keys::sm_key(group, SmTag::RaftSnapshot), encode(&marker.record)?);
@@ -313,8 +430,10 @@ impl RaftSnapshotBuilder<VolumeTc> for VolumeSnapshotBuilder {
         batch.put_cf(&cf, keys::sm_key(self.group, SmTag::RaftSnapshot), encode(&record).map_err(sm_err)?);
         self.store.write(batch).map_err(sm_err)?;
         let meta = record.meta.clone();
+        let volume = record.volume.clone();
         shared.raft_snapshot = Some(record);
-        Ok(Snapshot { meta, snapshot: Box::new(VolumeSnapshotData::Local { index }) })
+        let pin = Arc::new(StreamPin::new(&mut shared, self.shared.clone(), index));
+        Ok(Snapshot { meta, snapshot: Box::new(VolumeSnapshotData::Local { index, volume, pin }) })
     }
 }
 
@@ -353,7 +472,10 @@ impl RaftStateMachine<VolumeTc> for VolumeStateMachine {
                             self.counters.crc_unrepairable.fetch_add(1, Ordering::Relaxed);
                             return Err(StorageIOError::apply(
                                 entry.log_id,
-                                io_err(format!("block {} version {} is corrupt and no replica has a good copy", r.block, r.version)),
+                                io_err(format!(
+                                    "block {} version {} is corrupt and no replica has a good copy",
+                                    r.block, r.version
+                                )),
                             )
                             .into());
                         }
@@ -367,7 +489,11 @@ impl RaftStateMachine<VolumeTc> for VolumeStateMachine {
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
-        VolumeSnapshotBuilder { store: self.blocks.store().clone(), group: self.blocks.group(), shared: self.shared.clone() }
+        VolumeSnapshotBuilder {
+            store: self.blocks.store().clone(),
+            group: self.blocks.group(),
+            shared: self.shared.clone(),
+        }
     }
 
     async fn begin_receiving_snapshot(&mut self) -> Result<Box<VolumeSnapshotData>, StorageError<NodeId>> {
@@ -382,7 +508,9 @@ impl RaftStateMachine<VolumeTc> for VolumeStateMachine {
         snapshot: Box<VolumeSnapshotData>,
     ) -> Result<(), StorageError<NodeId>> {
         let VolumeSnapshotData::Received { path, volume } = *snapshot else {
-            return Err(StorageIOError::write_snapshot(Some(meta.signature()), io_err("not a received snapshot")).into());
+            return Err(
+                StorageIOError::write_snapshot(Some(meta.signature()), io_err("not a received snapshot")).into()
+            );
         };
         let group = self.blocks.group();
         info!(volume = %group, snapshot = %meta.snapshot_id, "installing snapshot");
@@ -398,6 +526,8 @@ impl RaftStateMachine<VolumeTc> for VolumeStateMachine {
         self.blocks.store().write_sync(batch).map_err(err)?;
         finish_install(&self.blocks, &marker).map_err(err)?;
         shared.meta = volume;
+        shared.space = recount();
+        shared.sweep_wake.notify_one();
         shared.last_applied = meta.last_log_id;
         shared.membership = meta.last_membership.clone();
         shared.raft_snapshot = Some(record);
@@ -406,11 +536,21 @@ impl RaftStateMachine<VolumeTc> for VolumeStateMachine {
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<VolumeTc>>, StorageError<NodeId>> {
-        let s = lock(&self.shared);
-        Ok(s.raft_snapshot.as_ref().map(|r| Snapshot {
-            meta: r.meta.clone(),
-            snapshot: Box::new(VolumeSnapshotData::Local { index: r.index() }),
-        }))
+        // Snapshots are taken fresh when asked for: the current applied state,
+        // pinned for as long as openraft holds (and streams) it. Only once
+        // openraft built one (it then purges logs behind it) is there any.
+        let mut s = lock(&self.shared);
+        let Some(built) = s.raft_snapshot.as_ref() else { return Ok(None) };
+        let last = s.last_applied.or(built.meta.last_log_id);
+        let index = last.map(|l| l.index).unwrap_or(0);
+        let meta = SnapshotMeta {
+            last_log_id: last,
+            last_membership: s.membership.clone(),
+            snapshot_id: format!("{}-{}", self.blocks.group(), index),
+        };
+        let volume = s.meta.clone();
+        let pin = Arc::new(StreamPin::new(&mut s, self.shared.clone(), index));
+        Ok(Some(Snapshot { meta, snapshot: Box::new(VolumeSnapshotData::Local { index, volume, pin }) }))
     }
 }
 
@@ -418,4 +558,51 @@ impl VolumeStateMachine {
     pub fn snap_dir(&self) -> &PathBuf {
         &self.snap_dir
     }
+}
+
+/// One step of a sweep (see `space`): visits about `max_keys` stored
+/// versions from the sweep's cursor, drops what no pin needs, counts what
+/// stays, and persists the cursor with the result — all under the lock
+/// applies take, so pins and chains cannot change in between, and a
+/// restart resumes at the cursor. Returns whether more remains.
+pub fn sweep_step(blocks: &BlockStore, shared: &Mutex<SmShared>, max_keys: usize) -> Result<bool, StoreError> {
+    let mut s = lock(shared);
+    if s.stopped {
+        return Ok(false);
+    }
+    let Some(mut sweep) = s.space.sweep.clone() else { return Ok(false) };
+    let pins = s.pins();
+    let chunk = blocks.sweep_chunk(sweep.cursor, max_keys, &pins, &s.meta.snapshot_pins)?;
+    sweep.counted.apply(&chunk.counted);
+    sweep.freed += chunk.freed;
+    let mut space = s.space.clone();
+    let more = match chunk.next {
+        Some(next) => {
+            sweep.cursor = next;
+            space.sweep = Some(sweep);
+            true
+        }
+        None => {
+            space.sweep = Some(sweep);
+            space.finish_sweep();
+            false
+        }
+    };
+    let record = AppliedRecord {
+        last_applied: s.last_applied,
+        membership: s.membership.clone(),
+        meta: s.meta.clone(),
+        space: space.clone(),
+    };
+    let mut batch = chunk.batch;
+    let cf = blocks.store().cf(CF_SM)?;
+    batch.put_cf(&cf, keys::sm_key(blocks.group(), SmTag::Applied), encode(&record)?);
+    // Unlogged like apply: a logged record claiming `last_applied` must never
+    // survive a crash that loses the unlogged block writes it covers.
+    blocks.store().write_unlogged(batch)?;
+    if !more {
+        info!(volume = %blocks.group(), freed_blocks = space.last_sweep_freed, "sweep finished");
+    }
+    s.space = space;
+    Ok(more)
 }

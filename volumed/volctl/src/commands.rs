@@ -7,60 +7,50 @@ use tonic::transport::Channel;
 use volumed_proto::volumed::v1 as pb;
 use volumed_proto::volumed::v1::admin_client::AdminClient;
 
-use crate::cli::{AttachArgs, CreateArgs, FrontendArg, Kind, NodeSocketArg, Output};
+use crate::cli::{AttachArgs, CreateArgs, FrontendArg, Kind, MountArgs, NodeSocketArg, Output};
 use crate::endpoint;
 use crate::error::{from_status, CliError, Subject, Target};
 use crate::render::{self, json};
 use crate::units::human_size;
 
+pub mod snapshots;
+
 /// A connected Admin client and where it points (for error messages).
 pub struct Api {
-    client: AdminClient<Channel>,
+    pub(crate) client: AdminClient<Channel>,
     target: Target,
 }
 
 impl Api {
     pub async fn connect(url: &str) -> Result<Api, CliError> {
-        Ok(Api {
-            client: endpoint::admin(url).await?,
-            target: Target::Api(url.to_string()),
-        })
+        Ok(Api { client: endpoint::admin(url).await?, target: Target::Api(url.to_string()) })
     }
 
-    fn err(&self, subject: Subject) -> impl Fn(tonic::Status) -> CliError + '_ {
+    pub(crate) fn err(&self, subject: Subject) -> impl Fn(tonic::Status) -> CliError + '_ {
         move |s| from_status(&s, &self.target, &subject)
     }
 
     pub async fn cluster_status(&mut self) -> Result<pb::ClusterStatusResponse, CliError> {
-        let r = self
-            .client
-            .cluster_status(pb::ClusterStatusRequest {})
-            .await;
-        r.map(|r| r.into_inner())
-            .map_err(self.err(Subject::Cluster))
+        let r = self.client.cluster_status(pb::ClusterStatusRequest {}).await;
+        r.map(|r| r.into_inner()).map_err(self.err(Subject::Cluster))
     }
 
     pub async fn nodes(&mut self) -> Result<Vec<pb::Node>, CliError> {
         let r = self.client.list_nodes(pb::ListNodesRequest {}).await;
-        let mut nodes = r
-            .map(|r| r.into_inner().nodes)
-            .map_err(self.err(Subject::Cluster))?;
+        let mut nodes = r.map(|r| r.into_inner().nodes).map_err(self.err(Subject::Cluster))?;
         nodes.sort_by(|a, b| a.name.cmp(&b.name).then(a.node_id.cmp(&b.node_id)));
         Ok(nodes)
     }
 
-    pub async fn volumes(&mut self) -> Result<Vec<pb::Volume>, CliError> {
+    /// Every volume; with `include_retained`, also those deleted but kept
+    /// for their snapshots.
+    pub async fn volumes(&mut self, include_retained: bool) -> Result<Vec<pb::Volume>, CliError> {
         let mut out = Vec::new();
         let mut token = String::new();
         loop {
-            let req = pb::ListVolumesRequest {
-                max_entries: 0,
-                starting_token: token.clone(),
-            };
+            let req = pb::ListVolumesRequest { max_entries: 0, starting_token: token.clone(), include_retained };
             let r = self.client.list_volumes(req).await;
-            let page = r
-                .map(|r| r.into_inner())
-                .map_err(self.err(Subject::Cluster))?;
+            let page = r.map(|r| r.into_inner()).map_err(self.err(Subject::Cluster))?;
             out.extend(page.volumes);
             // A server repeating its token would loop forever.
             if page.next_token.is_empty() || page.next_token == token {
@@ -72,14 +62,8 @@ impl Api {
     }
 
     pub async fn volume(&mut self, key: &str) -> Result<pb::Volume, CliError> {
-        let r = self
-            .client
-            .get_volume(pb::GetVolumeRequest {
-                id_or_name: key.to_string(),
-            })
-            .await;
-        r.map(|r| r.into_inner())
-            .map_err(self.err(Subject::Volume(key.to_string())))
+        let r = self.client.get_volume(pb::GetVolumeRequest { id_or_name: key.to_string() }).await;
+        r.map(|r| r.into_inner()).map_err(self.err(Subject::Volume(key.to_string())))
     }
 }
 
@@ -101,29 +85,19 @@ pub async fn node_list(api: &mut Api, output: Output) -> Result<String, CliError
 
 /// A node by exact name, else by numeric id.
 fn find_node<'a>(nodes: &'a [pb::Node], key: &str) -> Option<&'a pb::Node> {
-    nodes.iter().find(|n| n.name == key).or_else(|| {
-        key.parse::<u64>()
-            .ok()
-            .and_then(|id| nodes.iter().find(|n| n.node_id == id))
-    })
+    nodes
+        .iter()
+        .find(|n| n.name == key)
+        .or_else(|| key.parse::<u64>().ok().and_then(|id| nodes.iter().find(|n| n.node_id == id)))
 }
 
 pub async fn node_remove(api: &mut Api, key: &str, output: Output) -> Result<String, CliError> {
     let nodes = api.nodes().await?;
     let node = find_node(&nodes, key)
-        .ok_or_else(|| {
-            CliError::NotFound(format!("node {key} not found (see `volctl node list`)"))
-        })?
+        .ok_or_else(|| CliError::NotFound(format!("node {key} not found (see `volctl node list`)")))?
         .clone();
-    let r = api
-        .client
-        .remove_node(pb::RemoveNodeRequest {
-            node_id: node.node_id,
-        })
-        .await;
-    let moving = r
-        .map(|r| r.into_inner().replicas_moving)
-        .map_err(api.err(Subject::Node(key.to_string())))?;
+    let r = api.client.remove_node(pb::RemoveNodeRequest { node_id: node.node_id }).await;
+    let moving = r.map(|r| r.into_inner().replicas_moving).map_err(api.err(Subject::Node(key.to_string())))?;
     Ok(match output {
         Output::Json => json(&serde_json::json!({
             "node_id": node.node_id, "name": node.name, "replicas_moving": moving,
@@ -140,7 +114,8 @@ pub async fn node_remove(api: &mut Api, key: &str, output: Output) -> Result<Str
 pub fn create_request(a: &CreateArgs) -> pb::CreateVolumeRequest {
     pb::CreateVolumeRequest {
         name: a.name.clone(),
-        size_bytes: a.size,
+        // 0 with a source: the source's size.
+        size_bytes: a.size.unwrap_or(0),
         replica_count: a.replicas.unwrap_or(0),
         kind: match a.kind {
             Kind::Block => pb::VolumeKind::Block,
@@ -150,7 +125,20 @@ pub fn create_request(a: &CreateArgs) -> pb::CreateVolumeRequest {
         requisite: Vec::new(),
         preferred: Vec::new(),
         spread_zones: a.spread_zones,
+        source_snapshot: a.from_snapshot.clone().unwrap_or_default(),
+        source_volume: a.from_volume.clone().unwrap_or_default(),
+        no_wait: a.no_wait,
     }
+}
+
+/// What a create call is about, for its error messages.
+fn create_subject(a: &CreateArgs) -> Subject {
+    let source = match (&a.from_snapshot, &a.from_volume) {
+        (Some(s), _) => format!("snapshot {s}"),
+        (None, Some(v)) => format!("volume {v}"),
+        (None, None) => return Subject::Volume(a.name.clone()),
+    };
+    Subject::Restore { volume: a.name.clone(), source }
 }
 
 fn volume_out(v: &pb::Volume, output: Output) -> String {
@@ -160,25 +148,36 @@ fn volume_out(v: &pb::Volume, output: Output) -> String {
     }
 }
 
-pub async fn volume_create(
-    api: &mut Api,
-    a: &CreateArgs,
-    output: Output,
-) -> Result<String, CliError> {
+pub async fn volume_create(api: &mut Api, a: &CreateArgs, output: Output) -> Result<String, CliError> {
     let r = api.client.create_volume(create_request(a)).await;
-    let v = r
-        .map(|r| r.into_inner())
-        .map_err(api.err(Subject::Volume(a.name.clone())))?;
+    let v = r.map(|r| r.into_inner()).map_err(api.err(create_subject(a)))?;
     Ok(volume_out(&v, output))
 }
 
+/// The volume with its snapshot chain.
 pub async fn volume_get(api: &mut Api, key: &str, output: Output) -> Result<String, CliError> {
     let v = api.volume(key).await?;
-    Ok(volume_out(&v, output))
+    let snaps = api.snapshots_of(&v.id).await?;
+    Ok(match output {
+        Output::Json => {
+            let mut view = render::volume_view(&v);
+            let mut sorted = snaps.clone();
+            sorted.sort_by_key(|s| s.log_index);
+            view.snapshots = Some(sorted.iter().map(render::snapshots::snapshot_view).collect());
+            json(&view)
+        }
+        Output::Table if snaps.is_empty() => render::volume_text(&v),
+        Output::Table => format!(
+            "{}
+{}",
+            render::volume_text(&v),
+            render::snapshots::chain_text(&snaps)
+        ),
+    })
 }
 
-pub async fn volume_list(api: &mut Api, output: Output) -> Result<String, CliError> {
-    let volumes = api.volumes().await?;
+pub async fn volume_list(api: &mut Api, all: bool, output: Output) -> Result<String, CliError> {
+    let volumes = api.volumes(all).await?;
     Ok(match output {
         Output::Json => json(&volumes.iter().map(render::volume_view).collect::<Vec<_>>()),
         Output::Table => render::volumes_text(&volumes),
@@ -187,21 +186,12 @@ pub async fn volume_list(api: &mut Api, output: Output) -> Result<String, CliErr
 
 pub async fn volume_delete(api: &mut Api, key: &str, output: Output) -> Result<String, CliError> {
     let subject = Subject::Volume(key.to_string());
-    let r = api
-        .client
-        .delete_volume(pb::DeleteVolumeRequest {
-            id_or_name: key.to_string(),
-        })
-        .await;
-    let existed = r
-        .map(|r| r.into_inner().existed)
-        .map_err(api.err(subject))?;
+    let r = api.client.delete_volume(pb::DeleteVolumeRequest { id_or_name: key.to_string() }).await;
+    let existed = r.map(|r| r.into_inner().existed).map_err(api.err(subject))?;
     // The API is idempotent (CSI needs that); a person who typed a name that
     // does not exist wants to know.
     if !existed {
-        return Err(CliError::NotFound(format!(
-            "volume {key} not found (see `volctl volume list`)"
-        )));
+        return Err(CliError::NotFound(format!("volume {key} not found (see `volctl volume list`)")));
     }
     Ok(match output {
         Output::Json => json(&serde_json::json!({ "deleted": key })),
@@ -209,41 +199,21 @@ pub async fn volume_delete(api: &mut Api, key: &str, output: Output) -> Result<S
     })
 }
 
-pub async fn volume_resize(
-    api: &mut Api,
-    key: &str,
-    size: u64,
-    output: Output,
-) -> Result<String, CliError> {
-    let req = pb::ResizeVolumeRequest {
-        id_or_name: key.to_string(),
-        size_bytes: size,
-    };
+pub async fn volume_resize(api: &mut Api, key: &str, size: u64, output: Output) -> Result<String, CliError> {
+    let req = pb::ResizeVolumeRequest { id_or_name: key.to_string(), size_bytes: size };
     let r = api.client.resize_volume(req).await;
-    let v = r
-        .map(|r| r.into_inner())
-        .map_err(api.err(Subject::Volume(key.to_string())))?;
+    let v = r.map(|r| r.into_inner()).map_err(api.err(Subject::Volume(key.to_string())))?;
     Ok(match output {
         Output::Json => json(&render::volume_view(&v)),
-        Output::Table => format!(
-            "volume {} resized to {} ({} bytes)\n",
-            v.name,
-            human_size(v.size_bytes),
-            v.size_bytes
-        ),
+        Output::Table => {
+            format!("volume {} resized to {} ({} bytes)\n", v.name, human_size(v.size_bytes), v.size_bytes)
+        }
     })
 }
 
 pub async fn volume_scrub(api: &mut Api, key: &str, output: Output) -> Result<String, CliError> {
-    let r = api
-        .client
-        .scrub_volume(pb::ScrubVolumeRequest {
-            id_or_name: key.to_string(),
-        })
-        .await;
-    let s = r
-        .map(|r| r.into_inner())
-        .map_err(api.err(Subject::Volume(key.to_string())))?;
+    let r = api.client.scrub_volume(pb::ScrubVolumeRequest { id_or_name: key.to_string() }).await;
+    let s = r.map(|r| r.into_inner()).map_err(api.err(Subject::Volume(key.to_string())))?;
     let text = match output {
         Output::Json => json(&serde_json::json!({
             "volume": key,
@@ -283,12 +253,8 @@ impl Local {
         endpoint_flag: Option<&str>,
         state_dir: &Path,
     ) -> Result<Local, CliError> {
-        let path =
-            endpoint::resolve_node_socket(socket.node_socket.as_deref(), endpoint_flag, state_dir)?;
-        Ok(Local {
-            client: endpoint::node_local(&path).await?,
-            target: Target::Socket(path),
-        })
+        let path = endpoint::resolve_node_socket(socket.node_socket.as_deref(), endpoint_flag, state_dir)?;
+        Ok(Local { client: endpoint::node_local(&path).await?, target: Target::Socket(path) })
     }
 
     fn err(&self, subject: Subject) -> impl Fn(tonic::Status) -> CliError + '_ {
@@ -299,11 +265,7 @@ impl Local {
 pub fn attach_request(a: &AttachArgs) -> pb::AttachRequest {
     pb::AttachRequest {
         volume: a.volume.clone(),
-        mode: if a.readonly {
-            pb::AccessMode::SingleNodeReaderOnly
-        } else {
-            pb::AccessMode::SingleNodeWriter
-        } as i32,
+        mode: if a.readonly { pb::AccessMode::SingleNodeReaderOnly } else { pb::AccessMode::SingleNodeWriter } as i32,
         readonly: a.readonly,
         force: a.force,
         frontend: match a.frontend {
@@ -314,35 +276,18 @@ pub fn attach_request(a: &AttachArgs) -> pb::AttachRequest {
     }
 }
 
-pub async fn volume_attach(
-    local: &mut Local,
-    a: &AttachArgs,
-    output: Output,
-) -> Result<String, CliError> {
+pub async fn volume_attach(local: &mut Local, a: &AttachArgs, output: Output) -> Result<String, CliError> {
     let r = local.client.attach(attach_request(a)).await;
-    let resp = r
-        .map(|r| r.into_inner())
-        .map_err(local.err(Subject::Volume(a.volume.clone())))?;
+    let resp = r.map(|r| r.into_inner()).map_err(local.err(Subject::Volume(a.volume.clone())))?;
     Ok(match output {
         Output::Json => json(&render::attach_view(&resp)),
         Output::Table => render::attach_text(&resp),
     })
 }
 
-pub async fn volume_detach(
-    local: &mut Local,
-    key: &str,
-    output: Output,
-) -> Result<String, CliError> {
-    let r = local
-        .client
-        .detach(pb::DetachRequest {
-            volume: key.to_string(),
-        })
-        .await;
-    let existed = r
-        .map(|r| r.into_inner().existed)
-        .map_err(local.err(Subject::Volume(key.to_string())))?;
+pub async fn volume_detach(local: &mut Local, key: &str, output: Output) -> Result<String, CliError> {
+    let r = local.client.detach(pb::DetachRequest { volume: key.to_string() }).await;
+    let existed = r.map(|r| r.into_inner().existed).map_err(local.err(Subject::Volume(key.to_string())))?;
     Ok(match output {
         Output::Json => json(&serde_json::json!({ "volume": key, "existed": existed })),
         Output::Table if existed => format!("volume {key} detached from this node\n"),
@@ -350,14 +295,60 @@ pub async fn volume_detach(
     })
 }
 
+/// `path` made absolute against the current directory: the node-local
+/// volumed runs elsewhere and cannot resolve our relative paths.
+fn absolute(path: &std::path::Path) -> String {
+    if path.is_absolute() {
+        return path.display().to_string();
+    }
+    match std::env::current_dir() {
+        Ok(cwd) => cwd.join(path).display().to_string(),
+        Err(_) => path.display().to_string(),
+    }
+}
+
+pub fn mount_request(a: &MountArgs) -> pb::MountRequest {
+    pb::MountRequest {
+        volume: a.volume.clone(),
+        target: absolute(&a.path),
+        readonly: a.readonly,
+        mode: if a.readonly { pb::AccessMode::MultiNodeReaderOnly } else { pb::AccessMode::MultiNodeMultiWriter }
+            as i32,
+        options: Vec::new(),
+    }
+}
+
+pub async fn volume_mount(local: &mut Local, a: &MountArgs, output: Output) -> Result<String, CliError> {
+    let req = mount_request(a);
+    let r = local.client.mount(req.clone()).await;
+    let resp = r.map(|r| r.into_inner()).map_err(local.err(Subject::Volume(a.volume.clone())))?;
+    Ok(match output {
+        Output::Json => json(&serde_json::json!({
+            "volume": a.volume, "volume_id": resp.volume_id, "target": resp.target, "readonly": a.readonly,
+        })),
+        Output::Table => format!(
+            "volume {} mounted at {}{} (served by the node's volumed; it stays mounted when volctl exits)\n",
+            a.volume,
+            resp.target,
+            if a.readonly { " read-only" } else { "" }
+        ),
+    })
+}
+
+pub async fn volume_unmount(local: &mut Local, path: &std::path::Path, output: Output) -> Result<String, CliError> {
+    let target = absolute(path);
+    let r = local.client.unmount(pb::UnmountRequest { target: target.clone() }).await;
+    let existed = r.map(|r| r.into_inner().existed).map_err(local.err(Subject::Cluster))?;
+    Ok(match output {
+        Output::Json => json(&serde_json::json!({ "target": target, "existed": existed })),
+        Output::Table if existed => format!("{target} unmounted\n"),
+        Output::Table => format!("no file volume is mounted at {target}; nothing to do\n"),
+    })
+}
+
 pub async fn volume_attachments(local: &mut Local, output: Output) -> Result<String, CliError> {
-    let r = local
-        .client
-        .list_attachments(pb::ListAttachmentsRequest {})
-        .await;
-    let l = r
-        .map(|r| r.into_inner())
-        .map_err(local.err(Subject::Cluster))?;
+    let r = local.client.list_attachments(pb::ListAttachmentsRequest {}).await;
+    let l = r.map(|r| r.into_inner()).map_err(local.err(Subject::Cluster))?;
     Ok(match output {
         Output::Json => json(&render::local_view(&l)),
         Output::Table => render::local_text(&l),
@@ -402,9 +393,22 @@ mod tests {
     }
 
     #[test]
+    fn mount_request_is_rwx_with_an_absolute_target() {
+        let crate::cli::VolumeCmd::Mount(a) = volume_cmd(&["mount", "shared", "rel/dir"]) else { panic!() };
+        let r = mount_request(&a);
+        assert_eq!(r.volume, "shared");
+        assert!(r.target.starts_with('/') && r.target.ends_with("/rel/dir"), "{}", r.target);
+        assert_eq!((r.mode(), r.readonly), (pb::AccessMode::MultiNodeMultiWriter, false));
+        let crate::cli::VolumeCmd::Mount(a) = volume_cmd(&["mount", "shared", "/mnt/x", "--readonly"]) else {
+            panic!()
+        };
+        let r = mount_request(&a);
+        assert_eq!((r.target.as_str(), r.mode(), r.readonly), ("/mnt/x", pb::AccessMode::MultiNodeReaderOnly, true));
+    }
+
+    #[test]
     fn attach_request_from_flags() {
-        let crate::cli::VolumeCmd::Attach(a) =
-            volume_cmd(&["attach", "db", "--readonly", "--frontend", "kernel-nbd"])
+        let crate::cli::VolumeCmd::Attach(a) = volume_cmd(&["attach", "db", "--readonly", "--frontend", "kernel-nbd"])
         else {
             panic!()
         };
@@ -413,9 +417,7 @@ mod tests {
         assert!(r.readonly && !r.force);
         assert_eq!(r.mode(), pb::AccessMode::SingleNodeReaderOnly);
         assert_eq!(r.frontend(), pb::Frontend::KernelNbd);
-        let crate::cli::VolumeCmd::Attach(a) = volume_cmd(&["attach", "db", "--force"]) else {
-            panic!()
-        };
+        let crate::cli::VolumeCmd::Attach(a) = volume_cmd(&["attach", "db", "--force"]) else { panic!() };
         let r = attach_request(&a);
         assert_eq!(r.mode(), pb::AccessMode::SingleNodeWriter);
         assert_eq!(r.frontend(), pb::Frontend::Auto);
@@ -424,18 +426,10 @@ mod tests {
 
     #[test]
     fn nodes_are_found_by_name_then_id() {
-        let n = |id: u64, name: &str| pb::Node {
-            node_id: id,
-            name: name.into(),
-            ..Default::default()
-        };
+        let n = |id: u64, name: &str| pb::Node { node_id: id, name: name.into(), ..Default::default() };
         let nodes = vec![n(1, "node-1"), n(2, "3"), n(3, "node-3")];
         assert_eq!(find_node(&nodes, "node-1").map(|n| n.node_id), Some(1));
-        assert_eq!(
-            find_node(&nodes, "3").map(|n| n.node_id),
-            Some(2),
-            "an exact name beats an id"
-        );
+        assert_eq!(find_node(&nodes, "3").map(|n| n.node_id), Some(2), "an exact name beats an id");
         assert_eq!(find_node(&nodes, "1").map(|n| n.node_id), Some(1));
         assert!(find_node(&nodes, "node-9").is_none());
     }

@@ -21,10 +21,7 @@ const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// `http://host:port` from what the user typed (`host:port` is accepted).
 pub fn normalize(input: &str) -> Result<String, CliError> {
-    let bad = |reason: &str| CliError::BadEndpoint {
-        endpoint: input.to_string(),
-        reason: reason.to_string(),
-    };
+    let bad = |reason: &str| CliError::BadEndpoint { endpoint: input.to_string(), reason: reason.to_string() };
     let s = input.trim();
     if s.is_empty() {
         return Err(bad("it is empty"));
@@ -32,14 +29,8 @@ pub fn normalize(input: &str) -> Result<String, CliError> {
     if s.starts_with("https://") {
         return Err(bad("TLS is not supported; volumed serves plain HTTP/2"));
     }
-    let with_scheme = if s.contains("://") {
-        s.to_string()
-    } else {
-        format!("http://{s}")
-    };
-    let uri: Uri = with_scheme
-        .parse()
-        .map_err(|e: <Uri as std::str::FromStr>::Err| bad(&e.to_string()))?;
+    let with_scheme = if s.contains("://") { s.to_string() } else { format!("http://{s}") };
+    let uri: Uri = with_scheme.parse().map_err(|e: <Uri as std::str::FromStr>::Err| bad(&e.to_string()))?;
     if uri.scheme_str() != Some("http") {
         return Err(bad("the scheme must be http"));
     }
@@ -105,9 +96,7 @@ fn reachable(hostport: &str) -> bool {
         Ok(a) => a.collect(),
         Err(_) => return false,
     };
-    addrs
-        .iter()
-        .any(|a| TcpStream::connect_timeout(a, PROBE_TIMEOUT).is_ok())
+    addrs.iter().any(|a| TcpStream::connect_timeout(a, PROBE_TIMEOUT).is_ok())
 }
 
 /// The node socket for local calls: --node-socket, else the dev-cluster node
@@ -123,10 +112,7 @@ pub fn resolve_node_socket(
     let url = match resolve(endpoint, state_dir) {
         Ok(u) => u,
         Err(CliError::NoEndpoint { reason }) => {
-            return Err(CliError::NoNodeSocket {
-                endpoint: "this node".into(),
-                reason,
-            });
+            return Err(CliError::NoNodeSocket { endpoint: "this node".into(), reason });
         }
         Err(e) => return Err(e),
     };
@@ -137,10 +123,7 @@ pub fn resolve_node_socket(
         .find(|n| normalize(&n.api).is_ok_and(|api| api == url))
         .map(|n| n.local_socket.clone());
     found.ok_or_else(|| CliError::NoNodeSocket {
-        reason: format!(
-            "it is not a node of the dev cluster in {}",
-            state_dir.display()
-        ),
+        reason: format!("it is not a node of the dev cluster in {}", state_dir.display()),
         endpoint: url,
     })
 }
@@ -149,44 +132,35 @@ pub fn resolve_node_socket(
 /// the first call).
 pub async fn admin(url: &str) -> Result<AdminClient<Channel>, CliError> {
     let endpoint = Endpoint::from_shared(url.to_string())
-        .map_err(|e| CliError::BadEndpoint {
-            endpoint: url.to_string(),
-            reason: chain(&e),
-        })?
+        .map_err(|e| CliError::BadEndpoint { endpoint: url.to_string(), reason: chain(&e) })?
         .connect_timeout(CONNECT_TIMEOUT)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(20));
-    let channel = endpoint
-        .connect()
-        .await
-        .map_err(|e| CliError::Unreachable {
-            endpoint: url.to_string(),
-            detail: chain(&e),
-        })?;
-    Ok(AdminClient::new(channel)
-        .max_decoding_message_size(MAX_MESSAGE)
-        .max_encoding_message_size(MAX_MESSAGE))
+    let channel =
+        endpoint.connect().await.map_err(|e| CliError::Unreachable { endpoint: url.to_string(), detail: chain(&e) })?;
+    Ok(AdminClient::new(channel).max_decoding_message_size(MAX_MESSAGE).max_encoding_message_size(MAX_MESSAGE))
 }
 
-/// A connected NodeLocal client over the node's unix socket.
-pub async fn node_local(socket: &Path) -> Result<NodeLocalClient<Channel>, CliError> {
+/// A gRPC channel over a unix socket, connected now.
+pub async fn unix_channel(socket: &Path) -> Result<Channel, tonic::transport::Error> {
     let path = socket.to_path_buf();
     // The authority is never used on a unix socket, but HTTP/2 needs one.
-    let channel = Endpoint::from_static("http://localhost")
+    Endpoint::from_static("http://localhost")
         .connect_timeout(CONNECT_TIMEOUT)
         .connect_with_connector(tower::service_fn(move |_: Uri| {
             let path = path.clone();
             async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?)) }
         }))
         .await
-        .map_err(|e| CliError::NodeSocketUnreachable {
-            socket: socket.to_path_buf(),
-            detail: chain(&e),
-        })?;
-    Ok(NodeLocalClient::new(channel)
-        .max_decoding_message_size(MAX_MESSAGE)
-        .max_encoding_message_size(MAX_MESSAGE))
+}
+
+/// A connected NodeLocal client over the node's unix socket.
+pub async fn node_local(socket: &Path) -> Result<NodeLocalClient<Channel>, CliError> {
+    let channel = unix_channel(socket)
+        .await
+        .map_err(|e| CliError::NodeSocketUnreachable { socket: socket.to_path_buf(), detail: chain(&e) })?;
+    Ok(NodeLocalClient::new(channel).max_decoding_message_size(MAX_MESSAGE).max_encoding_message_size(MAX_MESSAGE))
 }
 
 #[cfg(test)]
@@ -197,14 +171,8 @@ mod tests {
 
     #[test]
     fn endpoints_are_normalized() {
-        assert_eq!(
-            normalize("http://127.0.0.2:7400").unwrap(),
-            "http://127.0.0.2:7400"
-        );
-        assert_eq!(
-            normalize("http://127.0.0.2:7400/").unwrap(),
-            "http://127.0.0.2:7400"
-        );
+        assert_eq!(normalize("http://127.0.0.2:7400").unwrap(), "http://127.0.0.2:7400");
+        assert_eq!(normalize("http://127.0.0.2:7400/").unwrap(), "http://127.0.0.2:7400");
         assert_eq!(normalize("10.0.0.5:7400").unwrap(), "http://10.0.0.5:7400");
         assert_eq!(
             normalize("http://volumed-api.volumed-system.svc.cluster.local:7400").unwrap(),
@@ -219,30 +187,21 @@ mod tests {
             ("http://x y:1", "invalid"),
         ] {
             let e = normalize(bad).expect_err(bad).to_string();
-            assert!(
-                e.contains(why) && e.contains("http://HOST:PORT"),
-                "{bad}: {e}"
-            );
+            assert!(e.contains(why) && e.contains("http://HOST:PORT"), "{bad}: {e}");
         }
     }
 
     #[test]
     fn given_endpoint_wins_without_a_state_dir() {
         let dir = tempfile::tempdir().unwrap();
-        assert_eq!(
-            resolve(Some("127.0.0.9:1"), dir.path()).unwrap(),
-            "http://127.0.0.9:1"
-        );
+        assert_eq!(resolve(Some("127.0.0.9:1"), dir.path()).unwrap(), "http://127.0.0.9:1");
     }
 
     #[test]
     fn no_endpoint_and_no_cluster_tells_what_to_do() {
         let dir = tempfile::tempdir().unwrap();
         let e = resolve(None, dir.path()).unwrap_err().to_string();
-        assert!(
-            e.contains("volctl dev up") && e.contains("--endpoint"),
-            "{e}"
-        );
+        assert!(e.contains("volctl dev up") && e.contains("--endpoint"), "{e}");
         let e = resolve(Some("  "), dir.path()).unwrap_err().to_string();
         assert!(e.contains("volctl dev up"), "{e}");
     }
@@ -257,58 +216,36 @@ mod tests {
         let c = ClusterFile {
             volumed: vec![entry(1, &dead), entry(2, &live), entry(3, &dead)],
             state_dir: dir.path().into(),
-            extra: Default::default(),
+            ..Default::default()
         };
         c.save(dir.path()).unwrap();
         assert_eq!(resolve(None, dir.path()).unwrap(), live);
         // The node socket of that node, or of the node named by --endpoint.
-        assert_eq!(
-            resolve_node_socket(None, None, dir.path()).unwrap(),
-            PathBuf::from("/s/node-2/run/volumed.sock")
-        );
+        assert_eq!(resolve_node_socket(None, None, dir.path()).unwrap(), PathBuf::from("/s/node-2/run/volumed.sock"));
         assert_eq!(
             resolve_node_socket(None, Some("127.0.0.1:1"), dir.path()).unwrap(),
             PathBuf::from("/s/node-1/run/volumed.sock")
         );
-        assert_eq!(
-            resolve_node_socket(Some(Path::new("/given")), None, dir.path()).unwrap(),
-            PathBuf::from("/given")
-        );
-        let e = resolve_node_socket(None, Some("http://10.1.1.1:7400"), dir.path())
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("--node-socket") && e.contains("http://10.1.1.1:7400"),
-            "{e}"
-        );
+        assert_eq!(resolve_node_socket(Some(Path::new("/given")), None, dir.path()).unwrap(), PathBuf::from("/given"));
+        let e = resolve_node_socket(None, Some("http://10.1.1.1:7400"), dir.path()).unwrap_err().to_string();
+        assert!(e.contains("--node-socket") && e.contains("http://10.1.1.1:7400"), "{e}");
 
         drop(listener);
         let e = resolve(None, dir.path()).unwrap_err().to_string();
-        assert!(
-            e.contains("none of the volumed") && e.contains("volctl dev up"),
-            "{e}"
-        );
-        let e = resolve_node_socket(None, None, dir.path())
-            .unwrap_err()
-            .to_string();
+        assert!(e.contains("none of the volumed") && e.contains("volctl dev up"), "{e}");
+        let e = resolve_node_socket(None, None, dir.path()).unwrap_err().to_string();
         assert!(e.contains("--node-socket"), "{e}");
     }
 
     #[tokio::test]
     async fn unreachable_endpoint_is_reported_on_connect() {
         let e = admin("http://127.0.0.1:1").await.unwrap_err().to_string();
-        assert!(
-            e.starts_with("cannot reach volumed at http://127.0.0.1:1: "),
-            "{e}"
-        );
+        assert!(e.starts_with("cannot reach volumed at http://127.0.0.1:1: "), "{e}");
         assert!(e.contains("refused"), "{e}");
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("none.sock");
         let e = node_local(&sock).await.unwrap_err().to_string();
-        assert!(
-            e.contains("cannot reach the node-local volumed") && e.contains("--node-socket"),
-            "{e}"
-        );
+        assert!(e.contains("cannot reach the node-local volumed") && e.contains("--node-socket"), "{e}");
         assert!(e.contains("No such file"), "{e}");
     }
 }

@@ -54,10 +54,7 @@ pub enum CliError {
 
 impl CliError {
     pub fn io(context: impl Into<String>, source: std::io::Error) -> CliError {
-        CliError::Io {
-            context: context.into(),
-            source,
-        }
+        CliError::Io { context: context.into(), source }
     }
 }
 
@@ -66,6 +63,22 @@ impl CliError {
 pub enum Subject {
     Volume(String),
     Node(String),
+    /// An existing snapshot (get, delete).
+    Snapshot(String),
+    /// A snapshot being taken of `volume`.
+    NewSnapshot {
+        snapshot: String,
+        volume: String,
+    },
+    /// An existing group snapshot (get, delete).
+    GroupSnapshot(String),
+    /// A group snapshot being taken.
+    NewGroupSnapshot(String),
+    /// A new volume filled from `source` ("snapshot s1", "volume v1").
+    Restore {
+        volume: String,
+        source: String,
+    },
     Cluster,
 }
 
@@ -107,30 +120,16 @@ fn one_line(s: &str) -> String {
 /// Maps a gRPC status to a message that says what went wrong and what to do.
 pub fn from_status(status: &Status, target: &Target, subject: &Subject) -> CliError {
     let msg = one_line(status.message());
-    let msg = if msg.is_empty() {
-        status.code().description().to_string()
-    } else {
-        msg
-    };
+    let msg = if msg.is_empty() { status.code().description().to_string() } else { msg };
     let code = status.code();
     // A status made by the client's transport (connection refused, reset)
     // carries its cause as a source; one sent by the server does not.
     if let (Code::Unavailable, Some(source)) = (code, status.source()) {
         let cause = chain(source);
-        let detail = if msg.contains(&cause) {
-            msg
-        } else {
-            format!("{msg}: {cause}")
-        };
+        let detail = if msg.contains(&cause) { msg } else { format!("{msg}: {cause}") };
         return match target {
-            Target::Api(url) => CliError::Unreachable {
-                endpoint: url.clone(),
-                detail,
-            },
-            Target::Socket(p) => CliError::NodeSocketUnreachable {
-                socket: p.clone(),
-                detail,
-            },
+            Target::Api(url) => CliError::Unreachable { endpoint: url.clone(), detail },
+            Target::Socket(p) => CliError::NodeSocketUnreachable { socket: p.clone(), detail },
         };
     }
     let who = target.describe();
@@ -139,12 +138,47 @@ pub fn from_status(status: &Status, target: &Target, subject: &Subject) -> CliEr
             return CliError::NotFound(format!("volume {v} not found (see `volctl volume list`)"))
         }
         (Code::NotFound, Subject::Node(n)) => return CliError::NotFound(format!("node {n} not found (see `volctl node list`)")),
+        (Code::NotFound, Subject::Snapshot(s)) => {
+            return CliError::NotFound(format!("snapshot {s} not found (see `volctl snapshot list`)"))
+        }
+        (Code::NotFound, Subject::NewSnapshot { volume, .. }) => {
+            return CliError::NotFound(format!("volume {volume} not found (see `volctl volume list`)"))
+        }
+        (Code::NotFound, Subject::GroupSnapshot(g)) => {
+            return CliError::NotFound(format!(
+                "group snapshot {g} not found (`volctl snapshot list` shows the group of each snapshot)"
+            ))
+        }
+        (Code::NotFound, Subject::NewGroupSnapshot(_)) => {
+            return CliError::NotFound(format!("{msg} (see `volctl volume list`)"))
+        }
+        (Code::NotFound, Subject::Restore { source, .. }) => {
+            return CliError::NotFound(format!(
+                "{source} not found: {msg} (see `volctl snapshot list` and `volctl volume list`)"
+            ))
+        }
         (Code::NotFound, Subject::Cluster) => format!("not found: {msg}"),
         (Code::InvalidArgument, _) => format!("invalid request: {msg} (see `volctl help`)"),
         (Code::AlreadyExists, Subject::Volume(v)) => format!(
             "volume {v} already exists with a different spec: {msg} (pick another name, or see it with `volctl volume get {v}`)"
         ),
+        (Code::AlreadyExists, Subject::NewSnapshot { snapshot: n, .. }) => format!(
+            "snapshot {n} already exists for another volume: {msg} (pick another name, or see it with `volctl snapshot get {n}`)"
+        ),
+        (Code::AlreadyExists, Subject::NewGroupSnapshot(n)) => format!(
+            "group snapshot {n} already exists for other volumes: {msg} (pick another name, or see it with \
+             `volctl snapshot group get {n}`)"
+        ),
+        (Code::AlreadyExists, Subject::Restore { volume, .. }) => format!(
+            "volume {volume} already exists with a different spec or source: {msg} (pick another name, or see it \
+             with `volctl volume get {volume}`)"
+        ),
         (Code::AlreadyExists, _) => format!("already exists: {msg}"),
+        (Code::OutOfRange, Subject::Restore { source, .. }) => format!(
+            "too small: {msg} (a volume made from {source} is at least as large as it; leave --size out to get its size)"
+        ),
+        (Code::OutOfRange, _) => format!("out of range: {msg}"),
+        (Code::Aborted, _) => format!("{who} gave up: {msg} (nothing was kept; retry)"),
         (Code::ResourceExhausted, _) => {
             format!("not enough nodes or space: {msg} (see `volctl node list`)")
         }
@@ -202,65 +236,28 @@ mod tests {
 
     #[test]
     fn not_found_names_the_volume_and_the_next_step() {
-        let e = from_status(
-            &Status::not_found("volume v9 not found"),
-            &api(),
-            &Subject::Volume("v9".into()),
-        );
-        assert_eq!(
-            e.to_string(),
-            "volume v9 not found (see `volctl volume list`)"
-        );
-        let e = from_status(
-            &Status::not_found("node 4"),
-            &api(),
-            &Subject::Node("node-4".into()),
-        );
-        assert_eq!(
-            e.to_string(),
-            "node node-4 not found (see `volctl node list`)"
-        );
+        let e = from_status(&Status::not_found("volume v9 not found"), &api(), &Subject::Volume("v9".into()));
+        assert_eq!(e.to_string(), "volume v9 not found (see `volctl volume list`)");
+        let e = from_status(&Status::not_found("node 4"), &api(), &Subject::Node("node-4".into()));
+        assert_eq!(e.to_string(), "node node-4 not found (see `volctl node list`)");
     }
 
     #[test]
     fn server_messages_are_kept_and_explained() {
         let v = Subject::Volume("v".into());
-        let e = from_status(
-            &Status::invalid_argument("replica_count 9 is out of range (1..=5)"),
-            &api(),
-            &v,
-        );
-        assert!(
-            e.to_string()
-                .starts_with("invalid request: replica_count 9 is out of range"),
-            "{e}"
-        );
-        let e = from_status(
-            &Status::resource_exhausted("4 replicas need 4 nodes"),
-            &api(),
-            &v,
-        );
-        assert!(
-            e.to_string().contains("4 replicas need 4 nodes")
-                && e.to_string().contains("volctl node list"),
-            "{e}"
-        );
+        let e = from_status(&Status::invalid_argument("replica_count 9 is out of range (1..=5)"), &api(), &v);
+        assert!(e.to_string().starts_with("invalid request: replica_count 9 is out of range"), "{e}");
+        let e = from_status(&Status::resource_exhausted("4 replicas need 4 nodes"), &api(), &v);
+        assert!(e.to_string().contains("4 replicas need 4 nodes") && e.to_string().contains("volctl node list"), "{e}");
         let e = from_status(&Status::already_exists("size differs"), &api(), &v);
         assert!(
-            e.to_string().contains("volume v already exists")
-                && e.to_string().contains("volctl volume get v"),
+            e.to_string().contains("volume v already exists") && e.to_string().contains("volctl volume get v"),
             "{e}"
         );
-        let e = from_status(
-            &Status::unavailable("the catalog has no leader"),
-            &api(),
-            &Subject::Cluster,
-        );
+        let e = from_status(&Status::unavailable("the catalog has no leader"), &api(), &Subject::Cluster);
         let s = e.to_string();
         assert!(
-            s.contains("volumed at http://127.0.0.2:7400")
-                && s.contains("no leader")
-                && s.contains("cluster status"),
+            s.contains("volumed at http://127.0.0.2:7400") && s.contains("no leader") && s.contains("cluster status"),
             "{s}"
         );
         // Advice the server already gave is not repeated.
@@ -271,45 +268,42 @@ mod tests {
             &api(),
             &Subject::Cluster,
         );
-        assert_eq!(
-            e.to_string().matches("volctl cluster status").count(),
-            1,
-            "{e}"
-        );
+        assert_eq!(e.to_string().matches("volctl cluster status").count(), 1, "{e}");
+        let e = from_status(&Status::internal("boom\nsecond line"), &api(), &Subject::Cluster);
+        assert_eq!(e.to_string(), "volumed at http://127.0.0.2:7400 failed (INTERNAL): boom; second line");
+        let e = from_status(&Status::unimplemented(""), &Target::Socket("/r/volumed.sock".into()), &Subject::Cluster);
+        assert!(e.to_string().contains("node-local volumed at /r/volumed.sock does not implement"), "{e}");
+        assert!(matches!(e, CliError::Api { code: Code::Unimplemented, .. }));
+    }
+
+    #[test]
+    fn snapshot_and_restore_errors_name_the_right_thing() {
+        let e = from_status(&Status::not_found("snapshot s9 not found"), &api(), &Subject::Snapshot("s9".into()));
+        assert_eq!(e.to_string(), "snapshot s9 not found (see `volctl snapshot list`)");
+        let new = Subject::NewSnapshot { snapshot: "s1".into(), volume: "v9".into() };
+        let e = from_status(&Status::not_found("volume v9 not found"), &api(), &new);
+        assert_eq!(e.to_string(), "volume v9 not found (see `volctl volume list`)");
+        let e = from_status(&Status::already_exists("snapshot s1 already exists for another volume (x)"), &api(), &new);
+        assert!(e.to_string().contains("volctl snapshot get s1"), "{e}");
+        let r = Subject::Restore { volume: "r".into(), source: "snapshot s1".into() };
+        let e = from_status(&Status::not_found("snapshot s1 not found"), &api(), &r);
+        assert!(e.to_string().starts_with("snapshot s1 not found: "), "{e}");
+        assert!(matches!(e, CliError::NotFound(_)));
+        let e = from_status(&Status::out_of_range("the new volume is smaller than its source"), &api(), &r);
+        assert!(e.to_string().contains("leave --size out"), "{e}");
         let e = from_status(
-            &Status::internal("boom\nsecond line"),
+            &Status::aborted("a member failed; rolled back"),
             &api(),
-            &Subject::Cluster,
+            &Subject::NewGroupSnapshot("g".into()),
         );
-        assert_eq!(
-            e.to_string(),
-            "volumed at http://127.0.0.2:7400 failed (INTERNAL): boom; second line"
-        );
-        let e = from_status(
-            &Status::unimplemented(""),
-            &Target::Socket("/r/volumed.sock".into()),
-            &Subject::Cluster,
-        );
-        assert!(
-            e.to_string()
-                .contains("node-local volumed at /r/volumed.sock does not implement"),
-            "{e}"
-        );
-        assert!(matches!(
-            e,
-            CliError::Api {
-                code: Code::Unimplemented,
-                ..
-            }
-        ));
+        assert!(e.to_string().contains("rolled back") && e.to_string().contains("retry"), "{e}");
+        let e = from_status(&Status::not_found("x"), &api(), &Subject::GroupSnapshot("g1".into()));
+        assert!(e.to_string().starts_with("group snapshot g1 not found"), "{e}");
     }
 
     #[test]
     fn transport_failures_say_cannot_reach() {
-        let io = std::io::Error::new(
-            std::io::ErrorKind::ConnectionRefused,
-            "Connection refused (os error 111)",
-        );
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "Connection refused (os error 111)");
         let status = Status::from_error(Box::new(io));
         assert_eq!(status.code(), Code::Unknown);
         // What tonic builds for a failed connection: UNAVAILABLE with a cause.
@@ -319,23 +313,9 @@ mod tests {
             "Connection refused (os error 111)",
         )));
         let e = from_status(&status, &api(), &Subject::Cluster).to_string();
-        assert!(
-            e.starts_with("cannot reach volumed at http://127.0.0.2:7400: "),
-            "{e}"
-        );
-        assert!(
-            e.contains("Connection refused") && e.contains("volctl dev up"),
-            "{e}"
-        );
-        let e = from_status(
-            &status,
-            &Target::Socket("/x.sock".into()),
-            &Subject::Cluster,
-        )
-        .to_string();
-        assert!(
-            e.starts_with("cannot reach the node-local volumed at /x.sock"),
-            "{e}"
-        );
+        assert!(e.starts_with("cannot reach volumed at http://127.0.0.2:7400: "), "{e}");
+        assert!(e.contains("Connection refused") && e.contains("volctl dev up"), "{e}");
+        let e = from_status(&status, &Target::Socket("/x.sock".into()), &Subject::Cluster).to_string();
+        assert!(e.starts_with("cannot reach the node-local volumed at /x.sock"), "{e}");
     }
 }

@@ -14,10 +14,7 @@ fn emit(text: &str) {
 fn main() -> ExitCode {
     // Usage errors exit 2 (clap's convention), with clap's message.
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             volctl::dev::note(&format!("error: cannot start the async runtime: {e}"));

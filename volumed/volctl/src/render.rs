@@ -9,6 +9,10 @@ use volumed_proto::volumed::v1 as pb;
 use crate::table::{key_values, Table};
 use crate::units::{human_size, percent, utc_time};
 
+pub mod snapshots;
+
+pub use snapshots::SnapshotView;
+
 // ---------------------------------------------------------------- enum names
 
 pub fn volume_state(s: pb::VolumeState) -> &'static str {
@@ -209,6 +213,21 @@ pub struct VolumeView {
     pub fence_generation: u64,
     pub crc_repairs: u64,
     pub created_at_unix_ms: i64,
+    /// Restore/clone source (empty when none) and copy progress.
+    pub source_snapshot_id: String,
+    pub source_volume_id: String,
+    pub restore_bytes_done: u64,
+    pub restore_bytes_total: u64,
+    pub snapshot_count: u32,
+    /// Data held only by snapshots (not current content).
+    pub snapshot_bytes: u64,
+    pub reclaimed_bytes: u64,
+    pub sweep_pending: bool,
+    /// Deleted, kept hidden for its snapshots.
+    pub retained: bool,
+    /// Its snapshots, oldest first (`volume get` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub snapshots: Option<Vec<SnapshotView>>,
 }
 
 fn leader_name(v: &pb::Volume) -> String {
@@ -250,6 +269,16 @@ pub fn volume_view(v: &pb::Volume) -> VolumeView {
         fence_generation: v.fence_generation,
         crc_repairs: v.crc_repairs,
         created_at_unix_ms: v.created_at_unix_ms,
+        source_snapshot_id: v.source_snapshot_id.clone(),
+        source_volume_id: v.source_volume_id.clone(),
+        restore_bytes_done: v.restore_bytes_done,
+        restore_bytes_total: v.restore_bytes_total,
+        snapshot_count: v.snapshot_count,
+        snapshot_bytes: v.snapshot_bytes,
+        reclaimed_bytes: v.reclaimed_bytes,
+        sweep_pending: v.sweep_pending,
+        retained: v.retained,
+        snapshots: None,
     }
 }
 
@@ -345,15 +374,14 @@ pub fn local_view(l: &pb::ListAttachmentsResponse) -> LocalView {
 
 pub fn json<T: Serialize>(value: &T) -> String {
     // Serializing these plain structs cannot fail.
-    let mut s =
-        serde_json::to_string_pretty(value).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"));
+    let mut s = serde_json::to_string_pretty(value).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"));
     s.push('\n');
     s
 }
 
 // ---------------------------------------------------------------- tables
 
-fn dash(s: &str) -> String {
+pub(crate) fn dash(s: &str) -> String {
     if s.is_empty() {
         "-".into()
     } else {
@@ -365,35 +393,18 @@ fn ids(ids: &[u64]) -> String {
     if ids.is_empty() {
         return "-".into();
     }
-    ids.iter()
-        .map(u64::to_string)
-        .collect::<Vec<_>>()
-        .join(", ")
+    ids.iter().map(u64::to_string).collect::<Vec<_>>().join(", ")
 }
 
-fn yes_no(b: bool) -> String {
+pub(crate) fn yes_no(b: bool) -> String {
     if b { "yes" } else { "no" }.into()
 }
 
 pub fn cluster_text(c: &pb::ClusterStatusResponse) -> String {
     key_values(&[
         ("cluster", dash(&c.cluster_id)),
-        (
-            "ready",
-            if c.ready {
-                "yes".into()
-            } else {
-                "no (the catalog has no leader or has not formed yet)".into()
-            },
-        ),
-        (
-            "catalog leader",
-            if c.catalog_leader_id == 0 {
-                "none".into()
-            } else {
-                c.catalog_leader_id.to_string()
-            },
-        ),
+        ("ready", if c.ready { "yes".into() } else { "no (the catalog has no leader or has not formed yet)".into() }),
+        ("catalog leader", if c.catalog_leader_id == 0 { "none".into() } else { c.catalog_leader_id.to_string() }),
         ("catalog voters", ids(&c.catalog_voters)),
         ("catalog learners", ids(&c.catalog_learners)),
         ("catalog term", c.catalog_term.to_string()),
@@ -414,11 +425,7 @@ fn labels_text(labels: &std::collections::HashMap<String, String>) -> String {
     if labels.is_empty() {
         return "-".into();
     }
-    sorted(labels)
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join(",")
+    sorted(labels).iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
 }
 
 fn heartbeat(ms: u64) -> String {
@@ -468,11 +475,8 @@ pub fn nodes_text(nodes: &[pb::Node]) -> String {
 
 /// Aggregate rebuild progress of the volume's rebuilding replicas.
 fn rebuild_percent(v: &pb::Volume) -> Option<u64> {
-    let rebuilding: Vec<&pb::Replica> = v
-        .replicas
-        .iter()
-        .filter(|r| r.state() == pb::ReplicaState::Rebuilding && r.rebuild_bytes_total > 0)
-        .collect();
+    let rebuilding: Vec<&pb::Replica> =
+        v.replicas.iter().filter(|r| r.state() == pb::ReplicaState::Rebuilding && r.rebuild_bytes_total > 0).collect();
     if rebuilding.is_empty() {
         return None;
     }
@@ -481,20 +485,49 @@ fn rebuild_percent(v: &pb::Volume) -> Option<u64> {
     Some(percent(done, total))
 }
 
+/// Whether the volume is still being filled from a snapshot or volume.
+fn restoring(v: &pb::Volume) -> bool {
+    !v.source_snapshot_id.is_empty() && v.state() == pb::VolumeState::Creating
+}
+
 fn state_with_progress(v: &pb::Volume) -> String {
     let s = volume_state(v.state());
+    if v.retained {
+        let n = v.snapshot_count;
+        return format!("deleted, kept for {n} snapshot{}", if n == 1 { "" } else { "s" });
+    }
+    if restoring(v) {
+        return format!("restoring {}%", percent(v.restore_bytes_done, v.restore_bytes_total));
+    }
     match rebuild_percent(v) {
         Some(p) if v.state() == pb::VolumeState::Rebuilding => format!("{s} {p}%"),
         _ => s.to_string(),
     }
 }
 
+fn restore_text(v: &pb::Volume) -> String {
+    let what = format!("{} of {}", human_size(v.restore_bytes_done), human_size(v.restore_bytes_total));
+    if restoring(v) {
+        format!("{}% ({what} copied)", percent(v.restore_bytes_done, v.restore_bytes_total))
+    } else {
+        format!("done ({} copied)", human_size(v.restore_bytes_total))
+    }
+}
+
+fn snapshots_summary(v: &pb::Volume) -> String {
+    let mut s = format!("{} ({} held only by snapshots", v.snapshot_count, human_size(v.snapshot_bytes));
+    if v.reclaimed_bytes > 0 {
+        s.push_str(&format!(", {} reclaimed after deletions", human_size(v.reclaimed_bytes)));
+    }
+    if v.sweep_pending {
+        s.push_str(", reclaiming now");
+    }
+    s.push(')');
+    s
+}
+
 fn healthy_replicas(v: &pb::Volume) -> String {
-    let healthy = v
-        .replicas
-        .iter()
-        .filter(|r| r.state() == pb::ReplicaState::Healthy)
-        .count();
+    let healthy = v.replicas.iter().filter(|r| r.state() == pb::ReplicaState::Healthy).count();
     format!("{healthy}/{}", v.replica_count)
 }
 
@@ -504,13 +537,7 @@ fn attached_to(v: &pb::Volume) -> String {
     }
     v.attachments
         .iter()
-        .map(|a| {
-            if a.node_name.is_empty() {
-                a.node_id.to_string()
-            } else {
-                a.node_name.clone()
-            }
-        })
+        .map(|a| if a.node_name.is_empty() { a.node_id.to_string() } else { a.node_name.clone() })
         .collect::<Vec<_>>()
         .join(",")
 }
@@ -519,9 +546,8 @@ pub fn volumes_text(volumes: &[pb::Volume]) -> String {
     if volumes.is_empty() {
         return "no volumes (create one: volctl volume create NAME --size 1Gi)\n".into();
     }
-    let mut t = Table::new(&[
-        "NAME", "ID", "KIND", "SIZE", "USED", "REPLICAS", "STATE", "LEADER", "ATTACHED",
-    ]);
+    let mut t =
+        Table::new(&["NAME", "ID", "KIND", "SIZE", "USED", "REPLICAS", "STATE", "LEADER", "ATTACHED", "SNAPSHOTS"]);
     for v in volumes {
         t.row(vec![
             v.name.clone(),
@@ -533,6 +559,7 @@ pub fn volumes_text(volumes: &[pb::Volume]) -> String {
             state_with_progress(v),
             dash(&leader_name(v)),
             attached_to(v),
+            v.snapshot_count.to_string(),
         ]);
     }
     t.render()
@@ -562,29 +589,25 @@ pub fn volume_text(v: &pb::Volume) -> String {
     let params = if v.parameters.is_empty() {
         "-".to_string()
     } else {
-        sorted(&v.parameters)
-            .iter()
-            .map(|(k, val)| format!("{k}={val}"))
-            .collect::<Vec<_>>()
-            .join(", ")
+        sorted(&v.parameters).iter().map(|(k, val)| format!("{k}={val}")).collect::<Vec<_>>().join(", ")
     };
-    let mut out = key_values(&[
+    let mut pairs = vec![
         ("name", v.name.clone()),
         ("id", v.id.clone()),
         ("kind", volume_kind(v.kind()).into()),
-        (
-            "size",
-            format!("{} ({} bytes)", human_size(v.size_bytes), v.size_bytes),
-        ),
+        ("size", format!("{} ({} bytes)", human_size(v.size_bytes), v.size_bytes)),
         ("used", human_size(v.used_bytes)),
         ("state", state_with_progress(v)),
+        ("snapshots", snapshots_summary(v)),
+    ];
+    if !v.source_snapshot_id.is_empty() {
+        pairs.push(("source", format!("snapshot {} of volume {}", v.source_snapshot_id, v.source_volume_id)));
+        pairs.push(("restore", restore_text(v)));
+    }
+    pairs.extend([
         (
             "replicas",
-            format!(
-                "{} healthy of {} wanted",
-                healthy_replicas(v).split('/').next().unwrap_or("0"),
-                v.replica_count
-            ),
+            format!("{} healthy of {} wanted", healthy_replicas(v).split('/').next().unwrap_or("0"), v.replica_count),
         ),
         ("leader", leader),
         ("nbd", dash(&v.nbd_uri)),
@@ -593,10 +616,12 @@ pub fn volume_text(v: &pb::Volume) -> String {
         ("crc repairs", v.crc_repairs.to_string()),
         ("created", utc_time(v.created_at_unix_ms)),
     ]);
+    if v.kind() == pb::VolumeKind::File {
+        pairs.push(("inodes", format!("{} of {}", v.file_inodes, v.file_max_inodes)));
+    }
+    let mut out = key_values(&pairs);
     if !v.replicas.is_empty() {
-        let mut t = Table::new(&[
-            "NODE", "ID", "ROLE", "STATE", "REBUILD", "APPLIED", "MATCHED",
-        ]);
+        let mut t = Table::new(&["NODE", "ID", "ROLE", "STATE", "REBUILD", "APPLIED", "MATCHED"]);
         for r in &v.replicas {
             t.row(vec![
                 dash(&r.node_name),
@@ -612,16 +637,7 @@ pub fn volume_text(v: &pb::Volume) -> String {
         out.push_str(&t.render());
     }
     if !v.attachments.is_empty() {
-        let mut t = Table::new(&[
-            "ATTACHED TO",
-            "NODE ID",
-            "MODE",
-            "RO",
-            "GENERATION",
-            "DEVICE",
-            "STATE",
-            "SINCE",
-        ]);
+        let mut t = Table::new(&["ATTACHED TO", "NODE ID", "MODE", "RO", "GENERATION", "DEVICE", "STATE", "SINCE"]);
         for a in &v.attachments {
             t.row(vec![
                 dash(&a.node_name),
@@ -685,11 +701,7 @@ pub fn local_text(l: &pb::ListAttachmentsResponse) -> String {
                 },
                 a.io_errors.to_string(),
                 dash(&a.state),
-                if a.healthy {
-                    "ok".into()
-                } else {
-                    format!("unhealthy: {}", dash(&a.reason))
-                },
+                if a.healthy { "ok".into() } else { format!("unhealthy: {}", dash(&a.reason)) },
             ]);
         }
         out.push_str(&t.render());
@@ -705,11 +717,7 @@ pub fn local_text(l: &pb::ListAttachmentsResponse) -> String {
                 m.volume_id.clone(),
                 m.target.clone(),
                 yes_no(m.readonly),
-                if m.healthy {
-                    "ok".into()
-                } else {
-                    format!("unhealthy: {}", dash(&m.reason))
-                },
+                if m.healthy { "ok".into() } else { format!("unhealthy: {}", dash(&m.reason)) },
             ]);
         }
         out.push_str(&t.render());
@@ -721,13 +729,7 @@ pub fn local_text(l: &pb::ListAttachmentsResponse) -> String {
 mod tests {
     use super::*;
 
-    fn replica(
-        id: u64,
-        role: pb::ReplicaRole,
-        state: pb::ReplicaState,
-        done: u64,
-        total: u64,
-    ) -> pb::Replica {
+    fn replica(id: u64, role: pb::ReplicaRole, state: pb::ReplicaState, done: u64, total: u64) -> pb::Replica {
         pb::Replica {
             node_id: id,
             node_name: format!("node-{id}"),
@@ -750,20 +752,8 @@ mod tests {
             state: pb::VolumeState::Rebuilding as i32,
             replicas: vec![
                 replica(1, pb::ReplicaRole::Leader, pb::ReplicaState::Healthy, 0, 0),
-                replica(
-                    2,
-                    pb::ReplicaRole::Follower,
-                    pb::ReplicaState::Healthy,
-                    0,
-                    0,
-                ),
-                replica(
-                    4,
-                    pb::ReplicaRole::Learner,
-                    pb::ReplicaState::Rebuilding,
-                    1 << 30,
-                    4 << 30,
-                ),
+                replica(2, pb::ReplicaRole::Follower, pb::ReplicaState::Healthy, 0, 0),
+                replica(4, pb::ReplicaRole::Learner, pb::ReplicaState::Rebuilding, 1 << 30, 4 << 30),
             ],
             nbd_uri: "nbd://127.0.0.2:10809/3f0e8a9c-1111-4222-8333-944455556666".into(),
             parameters: [("fsType".to_string(), "xfs".to_string())].into(),
@@ -784,6 +774,7 @@ mod tests {
             fence_generation: 7,
             used_bytes: 1 << 29,
             crc_repairs: 2,
+            ..Default::default()
         }
     }
 
@@ -799,10 +790,7 @@ mod tests {
         assert_eq!(v["leader_node_name"], "node-1");
         assert_eq!(v["used_bytes"], 1u64 << 29);
         assert_eq!(v["crc_repairs"], 2);
-        assert_eq!(
-            v["nbd_uri"],
-            "nbd://127.0.0.2:10809/3f0e8a9c-1111-4222-8333-944455556666"
-        );
+        assert_eq!(v["nbd_uri"], "nbd://127.0.0.2:10809/3f0e8a9c-1111-4222-8333-944455556666");
         assert_eq!(v["parameters"]["fsType"], "xfs");
         let r = &v["replicas"];
         assert_eq!(r.as_array().unwrap().len(), 3);
@@ -847,30 +835,15 @@ mod tests {
     #[test]
     fn volume_table_shows_sizes_and_rebuild_progress() {
         let text = volume_text(&rebuilding_volume());
-        assert!(
-            text.contains("size:              3 GiB (3221225472 bytes)"),
-            "{text}"
-        );
+        assert!(text.contains("size:              3 GiB (3221225472 bytes)"), "{text}");
         assert!(text.contains("state:             rebuilding 25%"), "{text}");
         assert!(text.contains("leader:            node-1 (1)"), "{text}");
-        assert!(
-            text.contains("created:           2000-02-29 00:00:00 UTC"),
-            "{text}"
-        );
+        assert!(text.contains("created:           2000-02-29 00:00:00 UTC"), "{text}");
         let lines: Vec<&str> = text.lines().collect();
         let header = lines.iter().position(|l| l.starts_with("NODE")).unwrap();
-        assert_eq!(
-            lines[header],
-            "NODE    ID  ROLE      STATE       REBUILD               APPLIED  MATCHED"
-        );
-        assert_eq!(
-            lines[header + 3],
-            "node-4  4   learner   rebuilding  25% (1 GiB of 4 GiB)  44       40"
-        );
-        assert!(
-            text.contains("node-2       2        single-node-writer  no  7           /dev/loop3"),
-            "{text}"
-        );
+        assert_eq!(lines[header], "NODE    ID  ROLE      STATE       REBUILD               APPLIED  MATCHED");
+        assert_eq!(lines[header + 3], "node-4  4   learner   rebuilding  25% (1 GiB of 4 GiB)  44       40");
+        assert!(text.contains("node-2       2        single-node-writer  no  7           /dev/loop3"), "{text}");
     }
 
     #[test]
@@ -885,16 +858,44 @@ mod tests {
         let text = volumes_text(&[rebuilding_volume(), healthy]);
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 3, "{text}");
-        assert!(lines[0].starts_with("NAME      ID                                    KIND   SIZE     USED     REPLICAS  STATE"));
-        assert!(
-            lines[1].contains("3 GiB    512 MiB  2/3       rebuilding 25%  node-1  node-2"),
-            "{text}"
-        );
-        assert!(
-            lines[2].contains("512 MiB  512 MiB  3/3       healthy         node-1  -"),
-            "{text}"
-        );
+        assert!(lines[0]
+            .starts_with("NAME      ID                                    KIND   SIZE     USED     REPLICAS  STATE"));
+        assert!(lines[1].contains("3 GiB    512 MiB  2/3       rebuilding 25%  node-1  node-2"), "{text}");
+        assert!(lines[2].contains("512 MiB  512 MiB  3/3       healthy         node-1  -"), "{text}");
         assert!(volumes_text(&[]).contains("volctl volume create"));
+    }
+
+    #[test]
+    fn restore_progress_snapshots_and_retained_volumes() {
+        let mut v = rebuilding_volume();
+        v.state = pb::VolumeState::Creating as i32;
+        v.source_snapshot_id = "snap-1".into();
+        v.source_volume_id = "vol-0".into();
+        v.restore_bytes_done = 1 << 20;
+        v.restore_bytes_total = 4 << 20;
+        v.snapshot_count = 2;
+        v.snapshot_bytes = 8 << 20;
+        let text = volume_text(&v);
+        assert!(text.contains("state:             restoring 25%\n"), "{text}");
+        assert!(text.contains("source:            snapshot snap-1 of volume vol-0\n"), "{text}");
+        assert!(text.contains("restore:           25% (1 MiB of 4 MiB copied)\n"), "{text}");
+        assert!(text.contains("snapshots:         2 (8 MiB held only by snapshots)\n"), "{text}");
+        let j = serde_json::to_value(volume_view(&v)).unwrap();
+        assert_eq!(j["restore_bytes_done"], 1u64 << 20);
+        assert_eq!(j["source_snapshot_id"], "snap-1");
+        assert_eq!(j["snapshot_count"], 2);
+        assert!(j.get("snapshots").is_none(), "only `volume get` adds the chain");
+        v.state = pb::VolumeState::Healthy as i32;
+        v.restore_bytes_done = v.restore_bytes_total;
+        v.reclaimed_bytes = 1 << 20;
+        v.sweep_pending = true;
+        let text = volume_text(&v);
+        assert!(text.contains("restore:           done (4 MiB copied)\n"), "{text}");
+        assert!(text.contains("1 MiB reclaimed after deletions, reclaiming now)"), "{text}");
+        v.retained = true;
+        v.state = pb::VolumeState::Deleting as i32;
+        v.snapshot_count = 1;
+        assert!(volumes_text(&[v]).contains("deleted, kept for 1 snapshot "));
     }
 
     #[test]
@@ -904,11 +905,7 @@ mod tests {
             name: "node-7".into(),
             api_addr: "127.0.0.8:7400".into(),
             nbd_addr: "127.0.0.8:10809".into(),
-            labels: [
-                ("zone".to_string(), "b".to_string()),
-                ("rack".to_string(), "r1".to_string()),
-            ]
-            .into(),
+            labels: [("zone".to_string(), "b".to_string()), ("rack".to_string(), "r1".to_string())].into(),
             capacity_bytes: 100 << 30,
             free_bytes: 97 << 30,
             state: pb::NodeState::Up as i32,

@@ -7,10 +7,7 @@ pub struct Table {
 
 impl Table {
     pub fn new(headers: &[&str]) -> Table {
-        Table {
-            headers: headers.iter().map(|h| h.to_string()).collect(),
-            rows: Vec::new(),
-        }
+        Table { headers: headers.iter().map(|h| h.to_string()).collect(), rows: Vec::new() }
     }
 
     pub fn row(&mut self, cells: Vec<String>) {
@@ -52,12 +49,7 @@ impl Table {
 
 /// `key:   value` lines with the values aligned.
 pub fn key_values(pairs: &[(&str, String)]) -> String {
-    let width = pairs
-        .iter()
-        .map(|(k, _)| k.chars().count())
-        .max()
-        .unwrap_or(0)
-        + 1;
+    let width = pairs.iter().map(|(k, _)| k.chars().count()).max().unwrap_or(0) + 1;
     let mut out = String::new();
     for (k, v) in pairs {
         let key = format!("{k}:");
@@ -87,11 +79,7 @@ mod tests {
     #[test]
     fn key_values_align() {
         assert_eq!(
-            key_values(&[
-                ("id", "x".into()),
-                ("state", "ok".into()),
-                ("empty", String::new())
-            ]),
+            key_values(&[("id", "x".into()), ("state", "ok".into()), ("empty", String::new())]),
             "id:     x\nstate:  ok\nempty:\n"
         );
     }

@@ -11,9 +11,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
     if num.is_empty() {
-        return Err(format!(
-            "{s:?} is not a size (examples: 1073741824, 512Mi, 10Gi, 100G)"
-        ));
+        return Err(format!("{s:?} is not a size (examples: 1073741824, 512Mi, 10Gi, 100G)"));
     }
     let n: u64 = num.parse().map_err(|_| format!("{s:?} is too large"))?;
     let mult: u64 = match unit.trim() {
@@ -34,8 +32,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
             ))
         }
     };
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("{s:?} is too large"))
+    n.checked_mul(mult).ok_or_else(|| format!("{s:?} is too large"))
 }
 
 /// `--size` of a volume: a size, and more than nothing.
@@ -51,22 +48,14 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration (examples: 30s, 5m, 1h)"))?;
-    let secs = |mult: u64| {
-        n.checked_mul(mult)
-            .map(Duration::from_secs)
-            .ok_or_else(|| format!("{s:?} is too long"))
-    };
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a duration (examples: 30s, 5m, 1h)"))?;
+    let secs = |mult: u64| n.checked_mul(mult).map(Duration::from_secs).ok_or_else(|| format!("{s:?} is too long"));
     match unit {
         "ms" => Ok(Duration::from_millis(n)),
         "" | "s" => secs(1),
         "m" => secs(60),
         "h" => secs(3600),
-        other => Err(format!(
-            "unknown duration unit {other:?} in {s:?} (use ms, s, m, h)"
-        )),
+        other => Err(format!("unknown duration unit {other:?} in {s:?} (use ms, s, m, h)")),
     }
 }
 
@@ -112,12 +101,7 @@ pub fn utc_time(unix_ms: i64) -> String {
     let secs = unix_ms / 1000;
     let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
     let (y, m, d) = civil_from_days(days);
-    format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC", rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
 /// Proleptic Gregorian date of a day count since 1970-01-01 (H. Hinnant's
@@ -158,15 +142,9 @@ mod tests {
         assert!(e.contains("unknown size unit") && e.contains("Qi"), "{e}");
         assert!(parse_size("-1").is_err());
         assert!(parse_size("1.5Gi").is_err());
-        assert!(parse_size("99999999999Pi")
-            .unwrap_err()
-            .contains("too large"));
-        assert!(parse_size("99999999999999999999999")
-            .unwrap_err()
-            .contains("too large"));
-        assert!(parse_volume_size("0")
-            .unwrap_err()
-            .contains("greater than 0"));
+        assert!(parse_size("99999999999Pi").unwrap_err().contains("too large"));
+        assert!(parse_size("99999999999999999999999").unwrap_err().contains("too large"));
+        assert!(parse_volume_size("0").unwrap_err().contains("greater than 0"));
         assert_eq!(parse_volume_size("1").unwrap(), 1);
     }
 
@@ -178,9 +156,7 @@ mod tests {
         assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
         assert_eq!(parse_duration("2h").unwrap(), Duration::from_secs(7200));
         assert!(parse_duration("soon").is_err());
-        assert!(parse_duration("5d")
-            .unwrap_err()
-            .contains("unknown duration unit"));
+        assert!(parse_duration("5d").unwrap_err().contains("unknown duration unit"));
         assert_eq!(checked_duration_text(" 30s ").unwrap(), "30s");
     }
 

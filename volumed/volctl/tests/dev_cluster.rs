@@ -41,10 +41,7 @@ impl Cluster {
             if pred(&v) {
                 return v;
             }
-            assert!(
-                Instant::now() < deadline,
-                "volume {name} never became {what}: {v:#}"
-            );
+            assert!(Instant::now() < deadline, "volume {name} never became {what}: {v:#}");
             std::thread::sleep(Duration::from_millis(500));
         }
     }
@@ -101,23 +98,11 @@ fn three_node_dev_cluster_life_cycle() {
         assert!(n["api"].as_str().unwrap().ends_with(":7400"), "{n}");
         assert!(n["nbd"].as_str().unwrap().ends_with(":10809"), "{n}");
         assert!(is_running(n["pid"].as_u64().unwrap()), "{n}");
-        let args: Vec<&str> = n["args"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|a| a.as_str().unwrap())
-            .collect();
-        assert!(
-            args.contains(&"--join") && args.contains(&"--log-format"),
-            "{args:?}"
-        );
+        let args: Vec<&str> = n["args"].as_array().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
+        assert!(args.contains(&"--join") && args.contains(&"--log-format"), "{args:?}");
         assert!(std::path::Path::new(n["log"].as_str().unwrap()).exists());
         assert!(n["env"]["PATH"].is_string());
-        assert!(!n["env"]
-            .as_object()
-            .unwrap()
-            .keys()
-            .any(|k| k.to_lowercase().contains("proxy")));
+        assert!(!n["env"].as_object().unwrap().keys().any(|k| k.to_lowercase().contains("proxy")));
     }
     let pids: Vec<u64> = nodes.iter().map(|n| n["pid"].as_u64().unwrap()).collect();
 
@@ -128,17 +113,9 @@ fn three_node_dev_cluster_life_cycle() {
     assert_ne!(status["catalog_leader_id"], 0);
     // The exact command of the node GC job.
     let list = c.volctl(&["--output", "json", "node", "list"]).ok().json();
-    let names: Vec<&str> = list
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|n| n["name"].as_str().unwrap())
-        .collect();
+    let names: Vec<&str> = list.as_array().unwrap().iter().map(|n| n["name"].as_str().unwrap()).collect();
     assert_eq!(names, ["node-1", "node-2", "node-3"]);
-    assert!(
-        list.as_array().unwrap().iter().all(|n| n["state"] == "up"),
-        "{list:#}"
-    );
+    assert!(list.as_array().unwrap().iter().all(|n| n["state"] == "up"), "{list:#}");
     let table = c.volctl(&["node", "list"]).ok().stdout;
     assert!(table.starts_with("NAME "), "{table}");
     assert_eq!(table.lines().count(), 4, "{table}");
@@ -146,15 +123,7 @@ fn three_node_dev_cluster_life_cycle() {
     assert!(table.contains("ready:") && table.contains("yes"), "{table}");
 
     // ---- create, get by name and id, list.
-    let v = c.json(&[
-        "volume",
-        "create",
-        "vol-a",
-        "--size",
-        "64Mi",
-        "--param",
-        "fsType=xfs",
-    ]);
+    let v = c.json(&["volume", "create", "vol-a", "--size", "64Mi", "--param", "fsType=xfs"]);
     assert_eq!(v["name"], "vol-a");
     assert_eq!(v["size_bytes"], 64u64 << 20);
     assert_eq!(v["kind"], "block");
@@ -171,27 +140,13 @@ fn three_node_dev_cluster_life_cycle() {
                 .all(|r| ["leader", "follower"].contains(&r["role"].as_str().unwrap()))
     });
     let replicas = v["replicas"].as_array().unwrap();
-    let roles: Vec<&str> = replicas
-        .iter()
-        .map(|r| r["role"].as_str().unwrap())
-        .collect();
+    let roles: Vec<&str> = replicas.iter().map(|r| r["role"].as_str().unwrap()).collect();
     assert_eq!(roles.iter().filter(|r| **r == "leader").count(), 1, "{v:#}");
     for r in replicas {
         assert_eq!(r["state"], "healthy", "{v:#}");
-        assert!(
-            ["leader", "follower"].contains(&r["role"].as_str().unwrap()),
-            "{v:#}"
-        );
-        assert!(
-            r["node_name"].as_str().unwrap().starts_with("node-"),
-            "{v:#}"
-        );
-        for k in [
-            "node_id",
-            "rebuild_bytes_done",
-            "rebuild_bytes_total",
-            "applied_index",
-        ] {
+        assert!(["leader", "follower"].contains(&r["role"].as_str().unwrap()), "{v:#}");
+        assert!(r["node_name"].as_str().unwrap().starts_with("node-"), "{v:#}");
+        for k in ["node_id", "rebuild_bytes_done", "rebuild_bytes_total", "applied_index"] {
             assert!(r[k].is_u64(), "{k}: {v:#}");
         }
     }
@@ -201,49 +156,20 @@ fn three_node_dev_cluster_life_cycle() {
     }
     assert!(v["attachments"].is_array());
     let nbd_uri = v["nbd_uri"].as_str().unwrap().to_string();
-    assert!(
-        nbd_uri.starts_with("nbd://127.") && nbd_uri.ends_with(&id),
-        "{nbd_uri}"
-    );
+    assert!(nbd_uri.starts_with("nbd://127.") && nbd_uri.ends_with(&id), "{nbd_uri}");
     assert_eq!(c.json(&["volume", "get", &id])["name"], "vol-a");
     // The printed NBD URI works with a standard client.
-    let info = std::process::Command::new("nbdinfo")
-        .args(["--size", &nbd_uri])
-        .env_clear()
-        .output()
-        .unwrap();
-    assert!(
-        info.status.success(),
-        "nbdinfo {nbd_uri}: {}",
-        String::from_utf8_lossy(&info.stderr)
-    );
-    assert_eq!(
-        String::from_utf8_lossy(&info.stdout).trim(),
-        (64u64 << 20).to_string()
-    );
+    let info = std::process::Command::new("nbdinfo").args(["--size", &nbd_uri]).env_clear().output().unwrap();
+    assert!(info.status.success(), "nbdinfo {nbd_uri}: {}", String::from_utf8_lossy(&info.stderr));
+    assert_eq!(String::from_utf8_lossy(&info.stdout).trim(), (64u64 << 20).to_string());
 
     let list = c.json(&["volume", "list"]);
-    assert!(
-        list.as_array()
-            .unwrap()
-            .iter()
-            .any(|v| v["id"] == id.as_str()),
-        "{list:#}"
-    );
+    assert!(list.as_array().unwrap().iter().any(|v| v["id"] == id.as_str()), "{list:#}");
     let table = c.volctl(&["volume", "list"]).ok().stdout;
-    let row = table
-        .lines()
-        .find(|l| l.starts_with("vol-a "))
-        .unwrap_or_else(|| panic!("{table}"));
-    assert!(
-        row.contains("64 MiB") && row.contains("3/3") && row.contains("healthy"),
-        "{table}"
-    );
+    let row = table.lines().find(|l| l.starts_with("vol-a ")).unwrap_or_else(|| panic!("{table}"));
+    assert!(row.contains("64 MiB") && row.contains("3/3") && row.contains("healthy"), "{table}");
     let table = c.volctl(&["volume", "get", "vol-a"]).ok().stdout;
-    assert!(
-        table.contains("64 MiB (67108864 bytes)") && table.contains("leader"),
-        "{table}"
-    );
+    assert!(table.contains("64 MiB (67108864 bytes)") && table.contains("leader"), "{table}");
 
     // ---- scrub: every block of every replica checked, nothing to repair.
     let scrub = c.json(&["volume", "scrub", "vol-a"]);
@@ -254,57 +180,23 @@ fn three_node_dev_cluster_life_cycle() {
     assert!(r.stdout.contains("0 unrepairable"), "{}", r.describe());
 
     // ---- resize.
-    c.volctl(&["volume", "resize", "vol-a", "--size", "128Mi"])
-        .ok();
-    assert_eq!(
-        c.json(&["volume", "get", "vol-a"])["size_bytes"],
-        128u64 << 20
-    );
+    c.volctl(&["volume", "resize", "vol-a", "--size", "128Mi"]).ok();
+    assert_eq!(c.json(&["volume", "get", "vol-a"])["size_bytes"], 128u64 << 20);
 
     // ---- bad input: right exit code, a message that says what to do.
-    c.volctl(&["volume", "create", "bad", "--size", "0"])
-        .fails(2, &["greater than 0"]);
-    c.volctl(&["volume", "create", "bad", "--size", "lots"])
-        .fails(2, &["not a size"]);
-    c.volctl(&["volume", "get", "no-such-volume"]).fails(
-        1,
-        &["volume no-such-volume not found (see `volctl volume list`)"],
-    );
-    c.volctl(&["volume", "resize", "no-such-volume", "--size", "1Gi"])
-        .fails(1, &["volume no-such-volume not found"]);
-    c.volctl(&["volume", "delete", "no-such-volume"])
-        .fails(1, &["volume no-such-volume not found"]);
-    c.volctl(&[
-        "volume",
-        "create",
-        "nine",
-        "--size",
-        "1Mi",
-        "--replicas",
-        "9",
-    ])
-    .fails(1, &["invalid request", "9"]);
-    c.volctl(&[
-        "volume",
-        "create",
-        "four",
-        "--size",
-        "1Mi",
-        "--replicas",
-        "4",
-    ])
-    .fails(1, &["not enough nodes or space", "volctl node list"]);
-    c.volctl(&["volume", "create", "vol-a", "--size", "1Gi"])
-        .fails(1, &["already exists", "volctl volume get vol-a"]);
-    c.volctl(&["node", "remove", "node-9"])
-        .fails(1, &["node node-9 not found (see `volctl node list`)"]);
-    let names: Vec<String> = c
-        .json(&["volume", "list"])
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v["name"].to_string())
-        .collect();
+    c.volctl(&["volume", "create", "bad", "--size", "0"]).fails(2, &["greater than 0"]);
+    c.volctl(&["volume", "create", "bad", "--size", "lots"]).fails(2, &["not a size"]);
+    c.volctl(&["volume", "get", "no-such-volume"])
+        .fails(1, &["volume no-such-volume not found (see `volctl volume list`)"]);
+    c.volctl(&["volume", "resize", "no-such-volume", "--size", "1Gi"]).fails(1, &["volume no-such-volume not found"]);
+    c.volctl(&["volume", "delete", "no-such-volume"]).fails(1, &["volume no-such-volume not found"]);
+    c.volctl(&["volume", "create", "nine", "--size", "1Mi", "--replicas", "9"]).fails(1, &["invalid request", "9"]);
+    c.volctl(&["volume", "create", "four", "--size", "1Mi", "--replicas", "4"])
+        .fails(1, &["not enough nodes or space", "volctl node list"]);
+    c.volctl(&["volume", "create", "vol-a", "--size", "1Gi"]).fails(1, &["already exists", "volctl volume get vol-a"]);
+    c.volctl(&["node", "remove", "node-9"]).fails(1, &["node node-9 not found (see `volctl node list`)"]);
+    let names: Vec<String> =
+        c.json(&["volume", "list"]).as_array().unwrap().iter().map(|v| v["name"].to_string()).collect();
     assert_eq!(names, ["\"vol-a\""], "failed creates left volumes behind");
 
     // ---- node-local attach through node-1's socket (found via cluster.json).
@@ -313,34 +205,19 @@ fn three_node_dev_cluster_life_cycle() {
     assert!(device.starts_with("/dev/"), "{a:#}");
     assert_eq!(a["volume_id"], id.as_str());
     assert!(a["generation"].as_u64().unwrap() > 0, "{a:#}");
-    assert!(
-        ["fuse-loop", "kernel-nbd"].contains(&a["frontend"].as_str().unwrap()),
-        "{a:#}"
-    );
-    assert_eq!(
-        c.json(&["volume", "attach", "vol-a"])["device"],
-        device.as_str(),
-        "attach is idempotent"
-    );
+    assert!(["fuse-loop", "kernel-nbd"].contains(&a["frontend"].as_str().unwrap()), "{a:#}");
+    assert_eq!(c.json(&["volume", "attach", "vol-a"])["device"], device.as_str(), "attach is idempotent");
     let local = c.json(&["volume", "attachments"]);
-    assert_eq!(
-        local["attachments"][0]["device"],
-        device.as_str(),
-        "{local:#}"
-    );
+    assert_eq!(local["attachments"][0]["device"], device.as_str(), "{local:#}");
     let v = c.json(&["volume", "get", "vol-a"]);
     assert_eq!(v["attachments"][0]["node_name"], "node-1", "{v:#}");
     let r = c.volctl(&["volume", "detach", "vol-a"]).ok();
     assert!(r.stdout.contains("detached"), "{}", r.describe());
-    assert_eq!(
-        c.json(&["volume", "attachments"])["attachments"],
-        serde_json::json!([])
-    );
+    assert_eq!(c.json(&["volume", "attachments"])["attachments"], serde_json::json!([]));
 
     // ---- delete.
     c.volctl(&["volume", "delete", "vol-a"]).ok();
-    c.volctl(&["volume", "get", "vol-a"])
-        .fails(1, &["volume vol-a not found"]);
+    c.volctl(&["volume", "get", "vol-a"]).fails(1, &["volume vol-a not found"]);
 
     // ---- dev up again: idempotent while everything runs.
     let r = c.volctl(&["dev", "up"]).ok();
@@ -350,22 +227,13 @@ fn three_node_dev_cluster_life_cycle() {
 
     // ---- a dead node is restarted from its recorded argv.
     let victim = pids[2];
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(victim as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(victim as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     while is_running(victim) {
         assert!(Instant::now() < deadline, "node-3 did not die");
         std::thread::sleep(Duration::from_millis(50));
     }
-    let r = run_with(
-        &["dev", "up", "--timeout", "180s"],
-        &c.env(),
-        Duration::from_secs(240),
-    )
-    .ok();
+    let r = run_with(&["dev", "up", "--timeout", "180s"], &c.env(), Duration::from_secs(240)).ok();
     assert!(r.stdout.contains("restarted node-3"), "{}", r.describe());
     let after = c.dev.pids();
     assert_eq!(after[..2], pids[..2]);
@@ -377,12 +245,8 @@ fn three_node_dev_cluster_life_cycle() {
         .filter(|s| !s.is_empty())
         .map(|s| String::from_utf8_lossy(s).into_owned())
         .collect();
-    let recorded: Vec<String> = file["volumed"][2]["args"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|a| a.as_str().unwrap().to_string())
-        .collect();
+    let recorded: Vec<String> =
+        file["volumed"][2]["args"].as_array().unwrap().iter().map(|a| a.as_str().unwrap().to_string()).collect();
     assert_eq!(restarted, recorded);
     assert_eq!(c.json(&["cluster", "status"])["ready"], true);
 
@@ -391,31 +255,13 @@ fn three_node_dev_cluster_life_cycle() {
     let attached = c.json(&["volume", "attach", "vol-b"]);
     let device = attached["device"].as_str().unwrap().to_string();
 
-    let r = run_with(
-        &["dev", "down", "--state-dir", &st],
-        &[],
-        Duration::from_secs(120),
-    )
-    .ok();
-    assert!(
-        r.stdout
-            .contains(&format!("removed {}", canonical.display())),
-        "{}",
-        r.describe()
-    );
+    let r = run_with(&["dev", "down", "--state-dir", &st], &[], Duration::from_secs(120)).ok();
+    assert!(r.stdout.contains(&format!("removed {}", canonical.display())), "{}", r.describe());
     for pid in &after {
         assert!(!is_running(*pid), "pid {pid} survived dev down");
     }
-    assert!(
-        mounts_under(&canonical).is_empty(),
-        "{:?}",
-        mounts_under(&canonical)
-    );
-    assert!(
-        loops_under(&canonical).is_empty(),
-        "{device}: {:?}",
-        loops_under(&canonical)
-    );
+    assert!(mounts_under(&canonical).is_empty(), "{:?}", mounts_under(&canonical));
+    assert!(loops_under(&canonical).is_empty(), "{device}: {:?}", loops_under(&canonical));
     assert!(!c.dev.path().exists());
 }
 
@@ -437,27 +283,16 @@ fn remove_and_re_replicate(c: &mut Cluster, victim: &str, victim_name: &str, on:
         .unwrap();
     c.env.push(("VOLUMED_ENDPOINT", survivor));
     let nodes = c.json(&["node", "list"]);
-    let state = nodes
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|n| n["name"] == victim_name)
-        .map(|n| n["state"].clone());
-    assert!(
-        state.is_none() || state == Some(Value::from("removed")),
-        "{nodes:#}"
-    );
+    let state = nodes.as_array().unwrap().iter().find(|n| n["name"] == victim_name).map(|n| n["state"].clone());
+    assert!(state.is_none() || state == Some(Value::from("removed")), "{nodes:#}");
     let v = c.wait_volume("r1", "re-replicated on the fourth node", |v| {
         let replicas = v["replicas"].as_array().unwrap();
         v["state"] == "healthy"
             && replicas.iter().all(|r| r["node_name"] != victim_name)
             && replicas.iter().filter(|r| r["state"] == "healthy").count() == 3
     });
-    let fourth = v["replicas"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .any(|r| !on.contains(&r["node_name"].as_str().unwrap().to_string()));
+    let fourth =
+        v["replicas"].as_array().unwrap().iter().any(|r| !on.contains(&r["node_name"].as_str().unwrap().to_string()));
     assert_eq!(fourth, moving == 1, "{v:#}");
 }
 
@@ -466,34 +301,20 @@ fn four_nodes_one_volume() -> (Cluster, Value) {
     c.json(&["volume", "create", "r1", "--size", "8Mi", "--replicas", "3"]);
     let v = c.wait_volume("r1", "healthy", |v| {
         v["state"] == "healthy"
-            && v["replicas"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .all(|r| r["role"] == "leader" || r["role"] == "follower")
+            && v["replicas"].as_array().unwrap().iter().all(|r| r["role"] == "leader" || r["role"] == "follower")
     });
     (c, v)
 }
 
 fn replica_nodes(v: &Value) -> Vec<String> {
-    v["replicas"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["node_name"].as_str().unwrap().to_string())
-        .collect()
+    v["replicas"].as_array().unwrap().iter().map(|r| r["node_name"].as_str().unwrap().to_string()).collect()
 }
 
 #[test]
 fn node_remove_by_name_moves_a_followers_replica() {
     let (mut c, v) = four_nodes_one_volume();
     let on = replica_nodes(&v);
-    let follower = v["replicas"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["role"] == "follower")
-        .unwrap();
+    let follower = v["replicas"].as_array().unwrap().iter().find(|r| r["role"] == "follower").unwrap();
     let name = follower["node_name"].as_str().unwrap().to_string();
     remove_and_re_replicate(&mut c, &name, &name, &on);
 }

@@ -33,13 +33,7 @@ pub struct FileDevice {
 impl FileDevice {
     pub fn create(dir: &Path, size: u64) -> Arc<Self> {
         let path = dir.join("volume.img");
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .unwrap();
+        let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
         file.set_len(size).unwrap();
         Arc::new(FileDevice {
             file: Arc::new(file),
@@ -103,8 +97,7 @@ impl BlockDevice for FileDevice {
 
     fn write(&self, offset: u64, data: Bytes, fua: bool) -> BoxFuture<'_, Result<(), BlockError>> {
         self.writes.fetch_add(1, Ordering::SeqCst);
-        self.max_write
-            .fetch_max(data.len() as u64, Ordering::SeqCst);
+        self.max_write.fetch_max(data.len() as u64, Ordering::SeqCst);
         if self.fail.load(Ordering::SeqCst) {
             return Box::pin(async { Err(BlockError::Io("injected write failure".into())) });
         }
@@ -188,17 +181,8 @@ pub struct MountGuard {
 impl MountGuard {
     pub fn mount(dev: &Path, path: PathBuf, opts: &str) -> Self {
         std::fs::create_dir_all(&path).unwrap();
-        run_ok(
-            Command::new("mount")
-                .arg("-o")
-                .arg(opts)
-                .arg(dev)
-                .arg(&path),
-        );
-        MountGuard {
-            path,
-            mounted: true,
-        }
+        run_ok(Command::new("mount").arg("-o").arg(opts).arg(dev).arg(&path));
+        MountGuard { path, mounted: true }
     }
 
     pub fn unmount(&mut self) {
@@ -212,10 +196,7 @@ impl MountGuard {
 impl Drop for MountGuard {
     fn drop(&mut self) {
         if self.mounted {
-            let ok = Command::new("umount")
-                .arg(&self.path)
-                .status()
-                .is_ok_and(|s| s.success());
+            let ok = Command::new("umount").arg(&self.path).status().is_ok_and(|s| s.success());
             if !ok {
                 let _ = Command::new("umount").arg("-l").arg(&self.path).status();
             }
@@ -226,18 +207,10 @@ impl Drop for MountGuard {
 
 pub fn run(cmd: &mut Command) -> Output {
     // Child tools must not go through the environment's proxies.
-    for v in [
-        "http_proxy",
-        "https_proxy",
-        "HTTP_PROXY",
-        "HTTPS_PROXY",
-        "all_proxy",
-        "ALL_PROXY",
-    ] {
+    for v in ["http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"] {
         cmd.env_remove(v);
     }
-    cmd.output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
+    cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
 }
 
 pub fn run_ok(cmd: &mut Command) -> String {
@@ -255,31 +228,15 @@ pub fn run_ok(cmd: &mut Command) -> String {
 /// `losetup -l` line for a device: (sizelimit/size, dio, log-sec, back-file).
 pub fn losetup_info(dev: &Path) -> Option<(String, String, String, String)> {
     let out = run_ok(
-        Command::new("losetup")
-            .args([
-                "-l",
-                "-O",
-                "NAME,DIO,LOG-SEC,BACK-FILE",
-                "--raw",
-                "--noheadings",
-            ])
-            .arg(dev),
+        Command::new("losetup").args(["-l", "-O", "NAME,DIO,LOG-SEC,BACK-FILE", "--raw", "--noheadings"]).arg(dev),
     );
     let line = out.lines().next()?;
     let mut f = line.splitn(4, ' ');
-    Some((
-        f.next()?.to_string(),
-        f.next()?.to_string(),
-        f.next()?.to_string(),
-        f.next()?.to_string(),
-    ))
+    Some((f.next()?.to_string(), f.next()?.to_string(), f.next()?.to_string(), f.next()?.to_string()))
 }
 
 pub fn blockdev_size(dev: &Path) -> u64 {
-    run_ok(Command::new("blockdev").arg("--getsize64").arg(dev))
-        .trim()
-        .parse()
-        .unwrap()
+    run_ok(Command::new("blockdev").arg("--getsize64").arg(dev)).trim().parse().unwrap()
 }
 
 /// Nothing of the device is left: no mount under run_dir, no loop device
@@ -288,26 +245,13 @@ pub fn assert_nothing_left(run_dir: &Path, volume_id: &str, loop_dev: &Path) {
     let run_dir = run_dir.canonicalize().unwrap();
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     let run_str = run_dir.to_str().unwrap();
-    assert!(
-        !mountinfo.contains(run_str),
-        "a mount under {run_str} is left:\n{mountinfo}"
-    );
+    assert!(!mountinfo.contains(run_str), "a mount under {run_str} is left:\n{mountinfo}");
     let all = run_ok(Command::new("losetup").arg("-a"));
-    assert!(
-        !all.contains(run_str),
-        "a loop device bound under {run_str} is left:\n{all}"
-    );
+    assert!(!all.contains(run_str), "a loop device bound under {run_str} is left:\n{all}");
     let name = loop_dev.file_name().unwrap().to_str().unwrap();
-    let backing =
-        std::fs::read_to_string(format!("/sys/block/{name}/loop/backing_file")).unwrap_or_default();
-    assert!(
-        !backing.contains(run_str),
-        "{name} is still bound to {backing}"
-    );
-    assert!(
-        !run_dir.join("fuse").join(volume_id).exists(),
-        "mount point directory left"
-    );
+    let backing = std::fs::read_to_string(format!("/sys/block/{name}/loop/backing_file")).unwrap_or_default();
+    assert!(!backing.contains(run_str), "{name} is still bound to {backing}");
+    assert!(!run_dir.join("fuse").join(volume_id).exists(), "mount point directory left");
 }
 
 /// Deterministic pseudo-random bytes.
@@ -327,27 +271,14 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
 /// Writes a tree of files with known content under `root` and returns a
 /// `sha256sum` manifest with paths relative to `root`.
 pub fn write_tree(root: &Path) -> String {
-    let sizes = [
-        0usize,
-        1,
-        511,
-        4095,
-        4096,
-        4097,
-        65536,
-        (1 << 20) + 7,
-        3 << 20,
-    ];
+    let sizes = [0usize, 1, 511, 4095, 4096, 4097, 65536, (1 << 20) + 7, 3 << 20];
     for (i, size) in sizes.iter().enumerate() {
         let dir = root.join(format!("d{}/sub{}", i % 3, i % 2));
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join(format!("f{i}.bin")), pattern(i as u64 + 1, *size)).unwrap();
     }
     let out = run_ok(
-        Command::new("sh")
-            .arg("-c")
-            .arg("find . -type f -print0 | sort -z | xargs -0 sha256sum")
-            .current_dir(root),
+        Command::new("sh").arg("-c").arg("find . -type f -print0 | sort -z | xargs -0 sha256sum").current_dir(root),
     );
     assert_eq!(out.lines().count(), sizes.len());
     out
@@ -360,11 +291,7 @@ pub fn check_tree(root: &Path, manifest: &str) {
         root.display().to_string().replace('/', "_")
     ));
     std::fs::write(&manifest_path, manifest).unwrap();
-    let out = run(Command::new("sha256sum")
-        .arg("--quiet")
-        .arg("-c")
-        .arg(&manifest_path)
-        .current_dir(root));
+    let out = run(Command::new("sha256sum").arg("--quiet").arg("-c").arg(&manifest_path).current_dir(root));
     let _ = std::fs::remove_file(&manifest_path);
     assert!(
         out.status.success(),

@@ -69,42 +69,22 @@ struct Conn {
 }
 
 impl Conn {
-    fn start(
-        sh: &Arc<Shared>,
-        est: Established,
-        epoch: u64,
-        rx: mpsc::UnboundedReceiver<Outgoing>,
-    ) -> Conn {
+    fn start(sh: &Arc<Shared>, est: Established, epoch: u64, rx: mpsc::UnboundedReceiver<Outgoing>) -> Conn {
         let started = Instant::now();
         let last_reply = Arc::new(AtomicU64::new(0));
         let answered = Arc::new(AtomicU64::new(0));
-        let reading = Box::pin(read_replies(
-            sh.clone(),
-            est.reader,
-            epoch,
-            started,
-            last_reply.clone(),
-            answered.clone(),
-        ));
+        let reading =
+            Box::pin(read_replies(sh.clone(), est.reader, epoch, started, last_reply.clone(), answered.clone()));
         let writing = Box::pin(write_requests(est.writer, rx));
-        Conn {
-            epoch,
-            addr: est.addr,
-            started,
-            reading,
-            writing: Some(writing),
-            last_reply,
-            answered,
-        }
+        Conn { epoch, addr: est.addr, started, reading, writing: Some(writing), last_reply, answered }
     }
 
     /// How long requests have waited without any reply, if longer than the
     /// stall timeout.
     fn stalled(&self, sh: &Shared) -> Option<Duration> {
         let limit = sh.opts.stall_timeout;
-        let since_reply = self.started.elapsed().saturating_sub(Duration::from_millis(
-            self.last_reply.load(Ordering::Relaxed),
-        ));
+        let since_reply =
+            self.started.elapsed().saturating_sub(Duration::from_millis(self.last_reply.load(Ordering::Relaxed)));
         if since_reply < limit {
             return None;
         }
@@ -128,14 +108,10 @@ pub(super) async fn connect_any(sh: &Arc<Shared>) -> Result<Established, String>
     }
     let mut errors = Vec::with_capacity(addrs.len());
     for addr in addrs {
-        match tokio::time::timeout(sh.opts.connect_timeout, handshake::open(addr, &sh.export)).await
-        {
+        match tokio::time::timeout(sh.opts.connect_timeout, handshake::open(addr, &sh.export)).await {
             Ok(Ok(est)) => return Ok(est),
             Ok(Err(e)) => errors.push(format!("{addr}: {e}")),
-            Err(_) => errors.push(format!(
-                "{addr}: no answer within {:?}",
-                sh.opts.connect_timeout
-            )),
+            Err(_) => errors.push(format!("{addr}: no answer within {:?}", sh.opts.connect_timeout)),
         }
     }
     Err(errors.join("; "))
@@ -159,14 +135,7 @@ pub(super) async fn supervise(sh: Arc<Shared>, first: Established) {
     loop {
         let est = match next.take() {
             Some(est) => est,
-            None => match reconnect(
-                &sh,
-                &mut backoff,
-                lost_at.unwrap_or_else(Instant::now),
-                hold_off,
-            )
-            .await
-            {
+            None => match reconnect(&sh, &mut backoff, lost_at.unwrap_or_else(Instant::now), hold_off).await {
                 Some(est) => est,
                 None => break,
             },
@@ -231,17 +200,13 @@ pub(super) async fn supervise(sh: Arc<Shared>, first: Established) {
                 // fine: retry at once. One that failed straight away, say with
                 // ESHUTDOWN from a server without leadership, is retried with
                 // growing pauses rather than in a tight loop.
-                hold_off =
-                    answered.load(Ordering::Relaxed) == 0 && connected_at.elapsed() < HEALTHY_AFTER;
+                hold_off = answered.load(Ordering::Relaxed) == 0 && connected_at.elapsed() < HEALTHY_AFTER;
                 if !hold_off {
                     backoff = sh.opts.backoff_min;
                 }
                 warn!(export = %sh.export, %addr, "NBD connection lost: {reason}; reconnecting");
                 lost_at = Some(since);
-                sh.set_state(ClientState::Reconnecting {
-                    since,
-                    last_error: reason,
-                });
+                sh.set_state(ClientState::Reconnecting { since, last_error: reason });
             }
         }
     }
@@ -252,12 +217,7 @@ pub(super) async fn supervise(sh: Arc<Shared>, first: Established) {
 
 /// Tries the endpoints until one accepts (None: the client is closing).
 /// The first round is immediate unless `hold_off`.
-async fn reconnect(
-    sh: &Arc<Shared>,
-    backoff: &mut Duration,
-    since: Instant,
-    hold_off: bool,
-) -> Option<Established> {
+async fn reconnect(sh: &Arc<Shared>, backoff: &mut Duration, since: Instant, hold_off: bool) -> Option<Established> {
     if hold_off && !pause(sh, backoff).await {
         return None;
     }
@@ -269,10 +229,7 @@ async fn reconnect(
             Ok(est) => return Some(est),
             Err(e) => {
                 debug!(export = %sh.export, "reconnect failed: {e}");
-                sh.set_state(ClientState::Reconnecting {
-                    since,
-                    last_error: e,
-                });
+                sh.set_state(ClientState::Reconnecting { since, last_error: e });
             }
         }
         if !pause(sh, backoff).await {
@@ -401,11 +358,7 @@ async fn read_replies(
             return ReadEnd::Protocol(format!("reply for unknown handle {:#x}", reply.handle));
         };
         let result = if reply.error != NBD_OK {
-            Err(reply_error(
-                reply.error,
-                &p.req,
-                sh.size.load(Ordering::Relaxed),
-            ))
+            Err(reply_error(reply.error, &p.req, sh.size.load(Ordering::Relaxed)))
         } else if p.req.command == CMD_READ {
             match read_payload(&mut r, p.req.length as usize).await {
                 Ok(data) => Ok(data),
@@ -434,10 +387,7 @@ async fn read_replies(
 
 /// Writes queued requests, batching whatever is queued into one `writev`.
 /// Ends when the queue is closed (after the final DISC).
-async fn write_requests(
-    mut w: OwnedWriteHalf,
-    mut rx: mpsc::UnboundedReceiver<Outgoing>,
-) -> io::Result<()> {
+async fn write_requests(mut w: OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<Outgoing>) -> io::Result<()> {
     let mut batch = Batch::new();
     while let Some(first) = rx.recv().await {
         let mut next = Some(first);

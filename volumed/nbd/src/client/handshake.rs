@@ -22,11 +22,7 @@ pub(crate) enum HandshakeError {
     #[error("protocol error: {0}")]
     Protocol(String),
     #[error("server refused the export ({kind}): {message}")]
-    Refused {
-        reply_type: u32,
-        kind: &'static str,
-        message: String,
-    },
+    Refused { reply_type: u32, kind: &'static str, message: String },
 }
 
 impl From<ProtocolError> for HandshakeError {
@@ -66,18 +62,12 @@ pub(crate) async fn open(addr: SocketAddr, export: &str) -> Result<Established, 
     let no_zeroes = greet(&mut reader, &mut writer).await?;
     let geometry = match haggle_info(&mut reader, &mut writer, export, OPT_GO).await {
         Ok(g) => g,
-        Err(HandshakeError::Refused {
-            reply_type: REP_ERR_UNSUP,
-            ..
-        }) => export_name(&mut reader, &mut writer, export, no_zeroes).await?,
+        Err(HandshakeError::Refused { reply_type: REP_ERR_UNSUP, .. }) => {
+            export_name(&mut reader, &mut writer, export, no_zeroes).await?
+        }
         Err(e) => return Err(e),
     };
-    Ok(Established {
-        addr,
-        reader,
-        writer,
-        geometry,
-    })
+    Ok(Established { addr, reader, writer, geometry })
 }
 
 /// Connects to `addr`, asks about `export` with NBD_OPT_INFO and leaves
@@ -103,9 +93,7 @@ where
     r.read_exact(&mut greeting).await?;
     let flags = decode_greeting(&greeting)?;
     if flags & FLAG_FIXED_NEWSTYLE == 0 {
-        return Err(HandshakeError::Protocol(
-            "server does not offer fixed newstyle negotiation".into(),
-        ));
+        return Err(HandshakeError::Protocol("server does not offer fixed newstyle negotiation".into()));
     }
     let no_zeroes = flags & FLAG_NO_ZEROES != 0;
     let mut client_flags = FLAG_C_FIXED_NEWSTYLE;
@@ -116,21 +104,12 @@ where
     Ok(no_zeroes)
 }
 
-async fn haggle_info<R, W>(
-    r: &mut R,
-    w: &mut W,
-    export: &str,
-    option: u32,
-) -> Result<Geometry, HandshakeError>
+async fn haggle_info<R, W>(r: &mut R, w: &mut W, export: &str, option: u32) -> Result<Geometry, HandshakeError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    w.write_all(&encode_option(
-        option,
-        &encode_info_request(export, &[INFO_BLOCK_SIZE]),
-    ))
-    .await?;
+    w.write_all(&encode_option(option, &encode_info_request(export, &[INFO_BLOCK_SIZE]))).await?;
     w.flush().await?;
     let mut export_info = None;
     let mut block_sizes = None;
@@ -139,38 +118,23 @@ where
         r.read_exact(&mut hdr).await?;
         let hdr = decode_option_reply_header(&hdr)?;
         if hdr.option != option {
-            return Err(HandshakeError::Protocol(format!(
-                "reply to option {} while waiting for {option}",
-                hdr.option
-            )));
+            return Err(HandshakeError::Protocol(format!("reply to option {} while waiting for {option}", hdr.option)));
         }
         if hdr.length > MAX_OPTION_REPLY {
-            return Err(HandshakeError::Protocol(format!(
-                "option reply of {} bytes",
-                hdr.length
-            )));
+            return Err(HandshakeError::Protocol(format!("option reply of {} bytes", hdr.length)));
         }
         let mut data = vec![0u8; hdr.length as usize];
         r.read_exact(&mut data).await?;
         match hdr.reply_type {
             REP_INFO => match decode_info(&data)? {
                 Info::Export { size, flags } => export_info = Some((size, flags)),
-                Info::BlockSize {
-                    min,
-                    preferred,
-                    max,
-                } => block_sizes = Some((min, preferred, max)),
+                Info::BlockSize { min, preferred, max } => block_sizes = Some((min, preferred, max)),
                 _ => {}
             },
             REP_ACK => {
-                let (size, flags) = export_info.ok_or_else(|| {
-                    HandshakeError::Protocol("server acknowledged without NBD_INFO_EXPORT".into())
-                })?;
-                return Ok(Geometry {
-                    size,
-                    flags,
-                    block_sizes,
-                });
+                let (size, flags) = export_info
+                    .ok_or_else(|| HandshakeError::Protocol("server acknowledged without NBD_INFO_EXPORT".into()))?;
+                return Ok(Geometry { size, flags, block_sizes });
             }
             t if t & REP_FLAG_ERROR != 0 => {
                 return Err(HandshakeError::Refused {
@@ -186,18 +150,12 @@ where
 }
 
 /// The pre-NBD_OPT_GO way in, for servers that do not know GO.
-async fn export_name<R, W>(
-    r: &mut R,
-    w: &mut W,
-    export: &str,
-    no_zeroes: bool,
-) -> Result<Geometry, HandshakeError>
+async fn export_name<R, W>(r: &mut R, w: &mut W, export: &str, no_zeroes: bool) -> Result<Geometry, HandshakeError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    w.write_all(&encode_option(OPT_EXPORT_NAME, export.as_bytes()))
-        .await?;
+    w.write_all(&encode_option(OPT_EXPORT_NAME, export.as_bytes())).await?;
     w.flush().await?;
     let size = r.read_u64().await?;
     let flags = r.read_u16().await?;
@@ -205,9 +163,5 @@ where
         let mut pad = [0u8; EXPORT_NAME_PADDING];
         r.read_exact(&mut pad).await?;
     }
-    Ok(Geometry {
-        size,
-        flags,
-        block_sizes: None,
-    })
+    Ok(Geometry { size, flags, block_sizes: None })
 }

@@ -20,10 +20,7 @@ const MAX_SKIPPABLE_OPTION_LEN: u32 = 1 << 20;
 
 pub(super) enum Outcome {
     /// NBD_OPT_GO or NBD_OPT_EXPORT_NAME succeeded.
-    Transmit {
-        export: String,
-        device: Arc<dyn BlockDevice>,
-    },
+    Transmit { export: String, device: Arc<dyn BlockDevice> },
     /// The client aborted (NBD_OPT_ABORT) or the server is shutting down.
     Ended,
 }
@@ -61,21 +58,16 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    w.write_all(&encode_greeting(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES))
-        .await?;
+    w.write_all(&encode_greeting(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES)).await?;
     w.flush().await?;
 
     let client_flags = r.read_u32().await?;
     let known = FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES;
     if client_flags & !known != 0 {
-        return Err(HandshakeError::Protocol(format!(
-            "unknown client flags {client_flags:#x}"
-        )));
+        return Err(HandshakeError::Protocol(format!("unknown client flags {client_flags:#x}")));
     }
     if client_flags & FLAG_C_FIXED_NEWSTYLE == 0 {
-        return Err(HandshakeError::Protocol(
-            "client does not speak fixed newstyle negotiation".into(),
-        ));
+        return Err(HandshakeError::Protocol("client does not speak fixed newstyle negotiation".into()));
     }
     let no_zeroes = client_flags & FLAG_C_NO_ZEROES != 0;
 
@@ -83,20 +75,13 @@ where
     loop {
         let mut hdr = [0u8; OPTION_HEADER_LEN];
         r.read_exact(&mut hdr).await?;
-        let hdr = decode_option_header(&hdr)
-            .map_err(|e| HandshakeError::Protocol(format!("option header: {e}")))?;
+        let hdr = decode_option_header(&hdr).map_err(|e| HandshakeError::Protocol(format!("option header: {e}")))?;
         if hdr.length > MAX_OPTION_LEN {
             if hdr.length > MAX_SKIPPABLE_OPTION_LEN {
-                return Err(HandshakeError::Protocol(format!(
-                    "option data of {} bytes",
-                    hdr.length
-                )));
+                return Err(HandshakeError::Protocol(format!("option data of {} bytes", hdr.length)));
             }
             discard(r, hdr.length.into()).await?;
-            let msg = format!(
-                "option data of {} bytes exceeds the {MAX_OPTION_LEN} byte limit",
-                hdr.length
-            );
+            let msg = format!("option data of {} bytes exceeds the {MAX_OPTION_LEN} byte limit", hdr.length);
             reply(w, &mut out, hdr.option, REP_ERR_TOO_BIG, msg.as_bytes()).await?;
             continue;
         }
@@ -109,22 +94,11 @@ where
                 // This option has no error reply: refusing means closing.
                 let name = decode_export_name(&data)
                     .map_err(|e| HandshakeError::ExportRefused(format!("bad export name: {e}")))?;
-                let device = resolver
-                    .open(&name)
-                    .await
-                    .map_err(|e| HandshakeError::ExportRefused(e.to_string()))?;
+                let device = resolver.open(&name).await.map_err(|e| HandshakeError::ExportRefused(e.to_string()))?;
                 let size = device.size();
-                w.write_all(&encode_export_name_reply(
-                    size,
-                    export_flags(device.as_ref()),
-                    no_zeroes,
-                ))
-                .await?;
+                w.write_all(&encode_export_name_reply(size, export_flags(device.as_ref()), no_zeroes)).await?;
                 w.flush().await?;
-                return Ok(Outcome::Transmit {
-                    export: name,
-                    device,
-                });
+                return Ok(Outcome::Transmit { export: name, device });
             }
             OPT_ABORT => {
                 // The client may already have gone; the ack is a courtesy.
@@ -133,23 +107,11 @@ where
             }
             OPT_LIST => {
                 if !data.is_empty() {
-                    reply(
-                        w,
-                        &mut out,
-                        OPT_LIST,
-                        REP_ERR_INVALID,
-                        b"NBD_OPT_LIST takes no data",
-                    )
-                    .await?;
+                    reply(w, &mut out, OPT_LIST, REP_ERR_INVALID, b"NBD_OPT_LIST takes no data").await?;
                     continue;
                 }
                 for entry in resolver.list().await {
-                    encode_option_reply(
-                        &mut out,
-                        OPT_LIST,
-                        REP_SERVER,
-                        &encode_server_entry(&entry),
-                    );
+                    encode_option_reply(&mut out, OPT_LIST, REP_SERVER, &encode_server_entry(&entry));
                 }
                 reply(w, &mut out, OPT_LIST, REP_ACK, &[]).await?;
             }
@@ -174,18 +136,10 @@ where
                         continue;
                     }
                 };
-                let info = Info::Export {
-                    size: device.size(),
-                    flags: export_flags(device.as_ref()),
-                };
+                let info = Info::Export { size: device.size(), flags: export_flags(device.as_ref()) };
                 encode_option_reply(&mut out, hdr.option, REP_INFO, &encode_info(&info));
                 if req.requests.contains(&INFO_NAME) {
-                    encode_option_reply(
-                        &mut out,
-                        hdr.option,
-                        REP_INFO,
-                        &encode_info(&Info::Name(req.name.clone())),
-                    );
+                    encode_option_reply(&mut out, hdr.option, REP_INFO, &encode_info(&Info::Name(req.name.clone())));
                 }
                 // Sent even when not asked for (the protocol allows it), so
                 // clients that can use the preferred size do.
@@ -193,10 +147,7 @@ where
                 encode_option_reply(&mut out, hdr.option, REP_INFO, &encode_info(&sizes));
                 reply(w, &mut out, hdr.option, REP_ACK, &[]).await?;
                 if hdr.option == OPT_GO {
-                    return Ok(Outcome::Transmit {
-                        export: req.name,
-                        device,
-                    });
+                    return Ok(Outcome::Transmit { export: req.name, device });
                 }
             }
             other => {
@@ -215,16 +166,8 @@ where
 pub(super) fn block_sizes(device: &dyn BlockDevice, opts: &ServerOptions) -> Info {
     let max = (opts.max_request_len.max(MIN_BLOCK_SIZE) / MIN_BLOCK_SIZE) * MIN_BLOCK_SIZE;
     let preferred = device.block_size().clamp(MIN_BLOCK_SIZE, max);
-    let preferred = if preferred.is_power_of_two() {
-        preferred
-    } else {
-        preferred.next_power_of_two() / 2
-    };
-    Info::BlockSize {
-        min: MIN_BLOCK_SIZE,
-        preferred: preferred.max(MIN_BLOCK_SIZE),
-        max,
-    }
+    let preferred = if preferred.is_power_of_two() { preferred } else { preferred.next_power_of_two() / 2 };
+    Info::BlockSize { min: MIN_BLOCK_SIZE, preferred: preferred.max(MIN_BLOCK_SIZE), max }
 }
 
 /// Appends one reply to `out` and sends everything queued there.

@@ -53,19 +53,12 @@ struct Reject {
 
 impl Reject {
     fn new(errno: u32, why: impl Into<String>) -> Reject {
-        Reject {
-            errno,
-            why: why.into(),
-        }
+        Reject { errno, why: why.into() }
     }
 }
 
-const KNOWN_FLAGS: u16 = CMD_FLAG_FUA
-    | CMD_FLAG_NO_HOLE
-    | CMD_FLAG_DF
-    | CMD_FLAG_REQ_ONE
-    | CMD_FLAG_FAST_ZERO
-    | CMD_FLAG_PAYLOAD_LEN;
+const KNOWN_FLAGS: u16 =
+    CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_DF | CMD_FLAG_REQ_ONE | CMD_FLAG_FAST_ZERO | CMD_FLAG_PAYLOAD_LEN;
 
 /// Checks a request against the protocol and the device before any byte of
 /// the device is touched. The size is read now, so a device that grew is
@@ -73,22 +66,13 @@ const KNOWN_FLAGS: u16 = CMD_FLAG_FUA
 fn validate(req: &Request, device: &dyn BlockDevice, max_len: u32) -> Result<(), Reject> {
     let cmd = req.command;
     if req.flags & !KNOWN_FLAGS != 0 {
-        return Err(Reject::new(
-            NBD_EINVAL,
-            format!("unknown command flags {:#x}", req.flags),
-        ));
+        return Err(Reject::new(NBD_EINVAL, format!("unknown command flags {:#x}", req.flags)));
     }
     if req.flags & CMD_FLAG_PAYLOAD_LEN != 0 {
-        return Err(Reject::new(
-            NBD_EINVAL,
-            "PAYLOAD_LEN flag without extended headers",
-        ));
+        return Err(Reject::new(NBD_EINVAL, "PAYLOAD_LEN flag without extended headers"));
     }
     if req.flags & CMD_FLAG_NO_HOLE != 0 && cmd != CMD_WRITE_ZEROES {
-        return Err(Reject::new(
-            NBD_EINVAL,
-            "NO_HOLE flag on a command other than write_zeroes",
-        ));
+        return Err(Reject::new(NBD_EINVAL, "NO_HOLE flag on a command other than write_zeroes"));
     }
     if req.flags & CMD_FLAG_FAST_ZERO != 0 {
         // Never advertised: a fast-zero request must fail rather than be slow.
@@ -98,10 +82,7 @@ fn validate(req: &Request, device: &dyn BlockDevice, max_len: u32) -> Result<(),
         return Ok(());
     }
     if device.read_only() && matches!(cmd, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES) {
-        return Err(Reject::new(
-            BlockError::ReadOnly.nbd_errno(),
-            "export is read-only",
-        ));
+        return Err(Reject::new(BlockError::ReadOnly.nbd_errno(), "export is read-only"));
     }
     if req.length == 0 {
         return Err(Reject::new(NBD_EINVAL, "zero-length request"));
@@ -109,10 +90,7 @@ fn validate(req: &Request, device: &dyn BlockDevice, max_len: u32) -> Result<(),
     // The maximum block size bounds payloads; trim and write-zeroes carry
     // none, and Linux and qemu send them up to 4 GiB.
     if matches!(cmd, CMD_READ | CMD_WRITE) && req.length > max_len {
-        return Err(Reject::new(
-            NBD_EINVAL,
-            format!("length {} exceeds the maximum {max_len}", req.length),
-        ));
+        return Err(Reject::new(NBD_EINVAL, format!("length {} exceeds the maximum {max_len}", req.length)));
     }
     let size = device.size();
     let past_end = match req.offset.checked_add(req.length.into()) {
@@ -121,13 +99,7 @@ fn validate(req: &Request, device: &dyn BlockDevice, max_len: u32) -> Result<(),
     };
     if past_end {
         let errno = BlockError::OutOfRange.nbd_errno_for(cmd);
-        return Err(Reject::new(
-            errno,
-            format!(
-                "{} bytes at {} past the end ({size})",
-                req.length, req.offset
-            ),
-        ));
+        return Err(Reject::new(errno, format!("{} bytes at {} past the end ({size})", req.length, req.offset)));
     }
     Ok(())
 }
@@ -224,17 +196,9 @@ async fn read_requests<R: AsyncRead + Unpin + Send>(
                 if req.length > max_len {
                     // The payload cannot be skipped safely (up to 4 GiB of
                     // it): answer, then close.
-                    let why = format!(
-                        "write of {} bytes exceeds the maximum {max_len}; closing",
-                        req.length
-                    );
+                    let why = format!("write of {} bytes exceeds the maximum {max_len}; closing", req.length);
                     warn!(handle = req.handle, offset = req.offset, "{why}");
-                    let _ = tx.send(Reply {
-                        handle: req.handle,
-                        error: NBD_EINVAL,
-                        data: None,
-                        _slot: slot,
-                    });
+                    let _ = tx.send(Reply { handle: req.handle, error: NBD_EINVAL, data: None, _slot: slot });
                     break ConnectionEnd::ProtocolError(why);
                 }
                 match read_payload(reader, req.length as usize).await {
@@ -244,12 +208,7 @@ async fn read_requests<R: AsyncRead + Unpin + Send>(
             }
             other => {
                 debug!(command = other, "unknown command");
-                let _ = tx.send(Reply {
-                    handle: req.handle,
-                    error: NBD_EINVAL,
-                    data: None,
-                    _slot: slot,
-                });
+                let _ = tx.send(Reply { handle: req.handle, error: NBD_EINVAL, data: None, _slot: slot });
                 continue;
             }
         };
@@ -263,12 +222,7 @@ async fn read_requests<R: AsyncRead + Unpin + Send>(
                 "request rejected: {}",
                 reject.why
             );
-            let _ = tx.send(Reply {
-                handle: req.handle,
-                error: reject.errno,
-                data: None,
-                _slot: slot,
-            });
+            let _ = tx.send(Reply { handle: req.handle, error: reject.errno, data: None, _slot: slot });
             continue;
         }
 
@@ -276,12 +230,7 @@ async fn read_requests<R: AsyncRead + Unpin + Send>(
         let tx = tx.clone();
         tasks.spawn(async move {
             let (error, data) = execute(device.as_ref(), &req, payload).await;
-            let _ = tx.send(Reply {
-                handle: req.handle,
-                error,
-                data,
-                _slot: slot,
-            });
+            let _ = tx.send(Reply { handle: req.handle, error, data, _slot: slot });
         });
     };
 
@@ -289,15 +238,10 @@ async fn read_requests<R: AsyncRead + Unpin + Send>(
     // the protocol asks for it); on shutdown only within the grace period.
     drop(tx);
     if end == ConnectionEnd::Shutdown {
-        let drained = tokio::time::timeout(opts.shutdown_grace, async {
-            while tasks.join_next().await.is_some() {}
-        })
-        .await;
+        let drained =
+            tokio::time::timeout(opts.shutdown_grace, async { while tasks.join_next().await.is_some() {} }).await;
         if drained.is_err() {
-            warn!(
-                abandoned = tasks.len(),
-                "requests still running at shutdown; abandoning them"
-            );
+            warn!(abandoned = tasks.len(), "requests still running at shutdown; abandoning them");
             tasks.abort_all();
         }
     }
@@ -305,34 +249,22 @@ async fn read_requests<R: AsyncRead + Unpin + Send>(
     end
 }
 
-async fn execute(
-    device: &dyn BlockDevice,
-    req: &Request,
-    payload: Option<Bytes>,
-) -> (u32, Option<Bytes>) {
+async fn execute(device: &dyn BlockDevice, req: &Request, payload: Option<Bytes>) -> (u32, Option<Bytes>) {
     let fua = req.flags & CMD_FLAG_FUA != 0;
     let result = match req.command {
         CMD_READ => match device.read(req.offset, req.length).await {
             Ok(data) if data.len() == req.length as usize => return (NBD_OK, Some(data)),
-            Ok(data) => Err(BlockError::Io(format!(
-                "device returned {} bytes for a {} byte read",
-                data.len(),
-                req.length
-            ))),
+            Ok(data) => {
+                Err(BlockError::Io(format!("device returned {} bytes for a {} byte read", data.len(), req.length)))
+            }
             Err(e) => Err(e),
         },
-        CMD_WRITE => {
-            device
-                .write(req.offset, payload.unwrap_or_default(), fua)
-                .await
-        }
+        CMD_WRITE => device.write(req.offset, payload.unwrap_or_default(), fua).await,
         CMD_FLUSH => device.flush().await,
         CMD_TRIM => device.trim(req.offset, req.length.into(), fua).await,
         CMD_WRITE_ZEROES => {
             let may_trim = req.flags & CMD_FLAG_NO_HOLE == 0;
-            device
-                .write_zeroes(req.offset, req.length.into(), fua, may_trim)
-                .await
+            device.write_zeroes(req.offset, req.length.into(), fua, may_trim).await
         }
         _ => Err(BlockError::Invalid("unknown command".into())),
     };
@@ -341,11 +273,7 @@ async fn execute(
         Err(e) => {
             let errno = e.nbd_errno_for(req.command);
             if matches!(e, BlockError::Fenced(_)) {
-                warn!(
-                    command = command_name(req.command),
-                    offset = req.offset,
-                    "fenced request refused: {e}"
-                );
+                warn!(command = command_name(req.command), offset = req.offset, "fenced request refused: {e}");
             } else {
                 debug!(
                     command = command_name(req.command),
@@ -377,13 +305,7 @@ async fn write_replies<W: AsyncWrite + Unpin>(
             if reply.error != NBD_OK {
                 errors += 1;
             }
-            batch.push_slice(
-                &SimpleReply {
-                    error: reply.error,
-                    handle: reply.handle,
-                }
-                .encode(),
-            );
+            batch.push_slice(&SimpleReply { error: reply.error, handle: reply.handle }.encode());
             if let Some(data) = &reply.data {
                 batch.push_payload(data.clone());
             }

@@ -23,10 +23,7 @@ use volumed_nbd::{BlockDevice, BlockError, ExportInfo, ExportResolver, OpenError
 
 pub fn init_tracing() {
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("NBD_TEST_LOG")
-                .unwrap_or_else(|_| "warn".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("NBD_TEST_LOG").unwrap_or_else(|_| "warn".into()))
         .with_test_writer()
         .try_init();
 }
@@ -46,14 +43,7 @@ fn io_err(e: std::io::Error) -> BlockError {
 
 fn fallocate(file: &File, mode: libc::c_int, offset: u64, len: u64) -> std::io::Result<()> {
     // SAFETY: plain syscall on a valid descriptor owned by `file`.
-    let rc = unsafe {
-        libc::fallocate(
-            file.as_raw_fd(),
-            mode,
-            offset as libc::off_t,
-            len as libc::off_t,
-        )
-    };
+    let rc = unsafe { libc::fallocate(file.as_raw_fd(), mode, offset as libc::off_t, len as libc::off_t) };
     if rc == 0 {
         Ok(())
     } else {
@@ -63,18 +53,9 @@ fn fallocate(file: &File, mode: libc::c_int, offset: u64, len: u64) -> std::io::
 
 impl FileDevice {
     pub fn open(path: &Path, read_only: bool) -> Arc<FileDevice> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .open(path)
-            .unwrap();
+        let file = OpenOptions::new().read(true).write(!read_only).open(path).unwrap();
         let size = file.metadata().unwrap().len();
-        Arc::new(FileDevice {
-            file: Arc::new(file),
-            size: AtomicU64::new(size),
-            read_only,
-            block_size: 4096,
-        })
+        Arc::new(FileDevice { file: Arc::new(file), size: AtomicU64::new(size), read_only, block_size: 4096 })
     }
 
     /// Grows the backing file (and the device).
@@ -95,10 +76,7 @@ impl FileDevice {
         f: impl FnOnce(&File) -> std::io::Result<T> + Send + 'static,
     ) -> Result<T, BlockError> {
         let file = self.file.clone();
-        tokio::task::spawn_blocking(move || f(&file))
-            .await
-            .map_err(|e| BlockError::Io(e.to_string()))?
-            .map_err(io_err)
+        tokio::task::spawn_blocking(move || f(&file)).await.map_err(|e| BlockError::Io(e.to_string()))?.map_err(io_err)
     }
 }
 
@@ -149,12 +127,7 @@ impl BlockDevice for FileDevice {
             }
             self.check(offset, len)?;
             self.blocking(move |f| {
-                fallocate(
-                    f,
-                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                    offset,
-                    len,
-                )?;
+                fallocate(f, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset, len)?;
                 if fua {
                     f.sync_data()?;
                 }
@@ -163,13 +136,7 @@ impl BlockDevice for FileDevice {
             .await
         })
     }
-    fn write_zeroes(
-        &self,
-        offset: u64,
-        len: u64,
-        fua: bool,
-        may_trim: bool,
-    ) -> BoxFuture<'_, Result<(), BlockError>> {
+    fn write_zeroes(&self, offset: u64, len: u64, fua: bool, may_trim: bool) -> BoxFuture<'_, Result<(), BlockError>> {
         Box::pin(async move {
             if self.read_only {
                 return Err(BlockError::ReadOnly);
@@ -211,11 +178,7 @@ pub struct GatedDevice {
 
 impl GatedDevice {
     pub fn new(inner: Arc<dyn BlockDevice>) -> Arc<GatedDevice> {
-        Arc::new(GatedDevice {
-            inner,
-            arrived: AtomicUsize::new(0),
-            gate: watch::channel(false).0,
-        })
+        Arc::new(GatedDevice { inner, arrived: AtomicUsize::new(0), gate: watch::channel(false).0 })
     }
     pub fn open(&self) {
         self.gate.send_replace(true);
@@ -262,13 +225,7 @@ impl BlockDevice for GatedDevice {
             self.inner.trim(offset, len, fua).await
         })
     }
-    fn write_zeroes(
-        &self,
-        offset: u64,
-        len: u64,
-        fua: bool,
-        may_trim: bool,
-    ) -> BoxFuture<'_, Result<(), BlockError>> {
+    fn write_zeroes(&self, offset: u64, len: u64, fua: bool, may_trim: bool) -> BoxFuture<'_, Result<(), BlockError>> {
         Box::pin(async move {
             self.pass().await;
             self.inner.write_zeroes(offset, len, fua, may_trim).await
@@ -291,12 +248,7 @@ impl FaultyDevice {
     fn fault(&self, offset: u64, len: u64) -> Result<(), BlockError> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         let left = self.unavailable.load(Ordering::SeqCst);
-        if left > 0
-            && self
-                .unavailable
-                .compare_exchange(left, left - 1, Ordering::SeqCst, Ordering::SeqCst)
-                .is_ok()
-        {
+        if left > 0 && self.unavailable.compare_exchange(left, left - 1, Ordering::SeqCst, Ordering::SeqCst).is_ok() {
             return Err(BlockError::Unavailable("leadership moved".into()));
         }
         let hits = |p: Option<u64>| p.is_some_and(|p| offset <= p && p < offset + len);
@@ -304,9 +256,7 @@ impl FaultyDevice {
             return Err(BlockError::Io("bad sector".into()));
         }
         if hits(self.fenced_offset) {
-            return Err(BlockError::Fenced(
-                "attachment generation 3 < fence 4".into(),
-            ));
+            return Err(BlockError::Fenced("attachment generation 3 < fence 4".into()));
         }
         Ok(())
     }
@@ -340,13 +290,7 @@ impl BlockDevice for FaultyDevice {
             self.inner.trim(offset, len, fua).await
         })
     }
-    fn write_zeroes(
-        &self,
-        offset: u64,
-        len: u64,
-        fua: bool,
-        may_trim: bool,
-    ) -> BoxFuture<'_, Result<(), BlockError>> {
+    fn write_zeroes(&self, offset: u64, len: u64, fua: bool, may_trim: bool) -> BoxFuture<'_, Result<(), BlockError>> {
         Box::pin(async move {
             self.fault(offset, len)?;
             self.inner.write_zeroes(offset, len, fua, may_trim).await
@@ -366,12 +310,7 @@ pub struct Exports {
 impl Exports {
     pub fn with(devices: Vec<(&str, Arc<dyn BlockDevice>)>) -> Exports {
         Exports {
-            devices: Mutex::new(
-                devices
-                    .into_iter()
-                    .map(|(n, d)| (n.to_string(), d))
-                    .collect(),
-            ),
+            devices: Mutex::new(devices.into_iter().map(|(n, d)| (n.to_string(), d)).collect()),
             ..Default::default()
         }
     }
@@ -382,32 +321,19 @@ impl ExportResolver for Exports {
         Box::pin(async move {
             let mut names: Vec<String> = self.devices.lock().unwrap().keys().cloned().collect();
             names.sort();
-            names
-                .into_iter()
-                .map(|name| ExportInfo {
-                    description: format!("test volume {name}"),
-                    name,
-                })
-                .collect()
+            names.into_iter().map(|name| ExportInfo { description: format!("test volume {name}"), name }).collect()
         })
     }
     fn open(&self, name: &str) -> BoxFuture<'_, Result<Arc<dyn BlockDevice>, OpenError>> {
         let name = name.to_string();
         Box::pin(async move {
             if self.policy.contains(&name) {
-                return Err(OpenError::Policy(format!(
-                    "{name} needs the current attachment generation"
-                )));
+                return Err(OpenError::Policy(format!("{name} needs the current attachment generation")));
             }
             if self.unavailable.contains(&name) {
                 return Err(OpenError::Unavailable(format!("{name} has no leader yet")));
             }
-            self.devices
-                .lock()
-                .unwrap()
-                .get(&name)
-                .cloned()
-                .ok_or(OpenError::Unknown(name))
+            self.devices.lock().unwrap().get(&name).cloned().ok_or(OpenError::Unknown(name))
         })
     }
 }
@@ -431,11 +357,7 @@ impl TestServer {
         let task = tokio::spawn(serve(listener, resolver, opts, async move {
             let _ = stopped.await;
         }));
-        TestServer {
-            addr,
-            stop: Some(stop),
-            task: Some(task),
-        }
+        TestServer { addr, stop: Some(stop), task: Some(task) }
     }
 
     pub fn uri(&self, export: &str) -> String {
@@ -502,25 +424,17 @@ pub fn file_bytes(path: &Path) -> Vec<u8> {
 
 /// Checks a third-party tool is installed, failing with the package to install.
 pub fn require_tool(tool: &str, package: &str) {
-    let found = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
-        .unwrap_or(false);
+    let found =
+        std::env::var_os("PATH").map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file())).unwrap_or(false);
     assert!(found, "`{tool}` is not installed: install the Debian package `{package}` (apt-get install {package})");
 }
 
 /// A command for a child process, without proxy settings.
 pub fn tool(program: &str) -> Command {
     let mut c = Command::new(program);
-    for v in [
-        "http_proxy",
-        "https_proxy",
-        "HTTP_PROXY",
-        "HTTPS_PROXY",
-        "all_proxy",
-        "ALL_PROXY",
-        "no_proxy",
-        "NO_PROXY",
-    ] {
+    for v in
+        ["http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY", "no_proxy", "NO_PROXY"]
+    {
         c.env_remove(v);
     }
     c
@@ -529,10 +443,7 @@ pub fn tool(program: &str) -> Command {
 /// Runs a command on the blocking pool; panics with its output if it fails.
 pub async fn run_ok(mut cmd: Command) -> String {
     let shown = format!("{cmd:?}");
-    let out = tokio::task::spawn_blocking(move || cmd.output())
-        .await
-        .unwrap()
-        .unwrap();
+    let out = tokio::task::spawn_blocking(move || cmd.output()).await.unwrap().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
@@ -545,11 +456,7 @@ pub async fn run_ok(mut cmd: Command) -> String {
 
 /// A free TCP port on 127.0.0.1 (for tools that need a port number).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// A qemu-nbd child serving a raw file; killed (by its pid) on drop.
@@ -563,18 +470,7 @@ impl QemuNbd {
         require_tool("qemu-nbd", "qemu-utils");
         let port = free_port();
         let child = tool("qemu-nbd")
-            .args([
-                "-f",
-                "raw",
-                "-x",
-                export,
-                "-p",
-                &port.to_string(),
-                "-b",
-                "127.0.0.1",
-                "--persistent",
-                "--shared=8",
-            ])
+            .args(["-f", "raw", "-x", export, "-p", &port.to_string(), "-b", "127.0.0.1", "--persistent", "--shared=8"])
             .arg(file)
             .stdout(std::process::Stdio::null())
             .spawn()

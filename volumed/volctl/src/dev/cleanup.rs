@@ -18,13 +18,8 @@ fn unescape(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            let v = (b[i + 1] - b'0') as u32 * 64
-                + (b[i + 2] - b'0') as u32 * 8
-                + (b[i + 3] - b'0') as u32;
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+            let v = (b[i + 1] - b'0') as u32 * 64 + (b[i + 2] - b'0') as u32 * 8 + (b[i + 3] - b'0') as u32;
             out.push(v as u8);
             i += 4;
         } else {
@@ -66,11 +61,7 @@ pub fn unmount_below(dirs: &[&Path]) -> (Vec<PathBuf>, Vec<String>) {
             return (done, Vec::new());
         }
         if round == 8 {
-            failed.extend(
-                targets
-                    .iter()
-                    .map(|t| format!("{} is still mounted", t.display())),
-            );
+            failed.extend(targets.iter().map(|t| format!("{} is still mounted", t.display())));
             break;
         }
         failed.clear();
@@ -108,10 +99,7 @@ pub fn loops_below(dirs: &[&Path]) -> Vec<LoopDevice> {
         let bf = bf.trim_end_matches('\n');
         let bf = PathBuf::from(bf.strip_suffix(" (deleted)").unwrap_or(bf));
         if dirs.iter().any(|d| bf.starts_with(d)) {
-            out.push(LoopDevice {
-                device: PathBuf::from("/dev").join(&name),
-                backing_file: bf,
-            });
+            out.push(LoopDevice { device: PathBuf::from("/dev").join(&name), backing_file: bf });
         }
     }
     out.sort_by(|a, b| a.device.cmp(&b.device));

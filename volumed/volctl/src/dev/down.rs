@@ -38,10 +38,7 @@ pub async fn down(args: &DownArgs, state_dir: &Path, output: Output) -> Result<S
         Ok(d) => d,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             return Ok(match output {
-                Output::Json => json(&DownReport {
-                    state_dir: dir,
-                    ..Default::default()
-                }),
+                Output::Json => json(&DownReport { state_dir: dir, ..Default::default() }),
                 Output::Table => format!("nothing to do: {} does not exist\n", dir.display()),
             });
         }
@@ -49,11 +46,7 @@ pub async fn down(args: &DownArgs, state_dir: &Path, output: Output) -> Result<S
     };
     // Processes name the directory as it was given to `dev up`; compare both.
     let given = absolute(state_dir)?;
-    let dirs: Vec<&Path> = if given == dir {
-        vec![&dir]
-    } else {
-        vec![&dir, &given]
-    };
+    let dirs: Vec<&Path> = if given == dir { vec![&dir] } else { vec![&dir, &given] };
 
     let cluster = match ClusterFile::load(&dir) {
         Ok(Some(c)) => c,
@@ -73,20 +66,13 @@ pub async fn down(args: &DownArgs, state_dir: &Path, output: Output) -> Result<S
         }
     };
 
-    let mut report = DownReport {
-        state_dir: dir.clone(),
-        ..Default::default()
-    };
+    let mut report = DownReport { state_dir: dir.clone(), ..Default::default() };
     let mut ours = Vec::new();
     for p in cluster.processes() {
         if process::is_ours(p.pid, p.args.as_deref(), &dirs) {
             ours.push(p);
         } else {
-            report.not_running.push(StoppedProcess {
-                label: p.label,
-                pid: p.pid,
-                how: "",
-            });
+            report.not_running.push(StoppedProcess { label: p.label, pid: p.pid, how: "" });
         }
     }
     // Nodes hosting devices go first, while the rest of the cluster still
@@ -98,16 +84,9 @@ pub async fn down(args: &DownArgs, state_dir: &Path, output: Output) -> Result<S
         .filter(|e| ours.iter().any(|p| p.pid == e.pid) && hosts_devices(&e.run_dir))
         .map(|e| e.pid)
         .collect();
-    let rest: Vec<u32> = ours
-        .iter()
-        .map(|p| p.pid)
-        .filter(|p| !hosting.contains(p))
-        .collect();
+    let rest: Vec<u32> = ours.iter().map(|p| p.pid).filter(|p| !hosting.contains(p)).collect();
     let mut outcome = Vec::new();
-    for (group, what) in [
-        (&hosting, "node(s) with attached devices"),
-        (&rest, "process(es)"),
-    ] {
+    for (group, what) in [(&hosting, "node(s) with attached devices"), (&rest, "process(es)")] {
         if !group.is_empty() {
             note(&format!("stopping {} {what}…", group.len()));
             outcome.extend(process::terminate(group, STOP_GRACE));
@@ -115,11 +94,7 @@ pub async fn down(args: &DownArgs, state_dir: &Path, output: Output) -> Result<S
     }
     let mut problems = Vec::new();
     for p in ours {
-        let how = outcome
-            .iter()
-            .find(|(pid, _)| *pid == p.pid)
-            .map(|(_, h)| *h)
-            .unwrap_or(Stopped::Stuck);
+        let how = outcome.iter().find(|(pid, _)| *pid == p.pid).map(|(_, h)| *h).unwrap_or(Stopped::Stuck);
         if how == Stopped::Stuck {
             problems.push(format!("{} (pid {}) survived SIGKILL", p.label, p.pid));
         }
@@ -140,14 +115,10 @@ pub async fn down(args: &DownArgs, state_dir: &Path, output: Output) -> Result<S
     // it) is auto-cleared when the unmounts below close it.
     for l in loops_below(&dirs) {
         match release_loop(&l.device) {
-            Ok(()) => report
-                .released_loop_devices
-                .push(l.device.display().to_string()),
-            Err(e) => problems.push(format!(
-                "release {} (backed by {}): {e}",
-                l.device.display(),
-                l.backing_file.display()
-            )),
+            Ok(()) => report.released_loop_devices.push(l.device.display().to_string()),
+            Err(e) => {
+                problems.push(format!("release {} (backed by {}): {e}", l.device.display(), l.backing_file.display()))
+            }
         }
     }
     let (unmounted, failed) = unmount_below(&dirs);
@@ -155,8 +126,7 @@ pub async fn down(args: &DownArgs, state_dir: &Path, output: Output) -> Result<S
     problems.extend(failed);
 
     if !args.keep_data && problems.is_empty() {
-        std::fs::remove_dir_all(&dir)
-            .map_err(|e| CliError::io(format!("remove {}", dir.display()), e))?;
+        std::fs::remove_dir_all(&dir).map_err(|e| CliError::io(format!("remove {}", dir.display()), e))?;
         report.removed = true;
     }
     let text = match output {
@@ -178,8 +148,8 @@ pub async fn down(args: &DownArgs, state_dir: &Path, output: Output) -> Result<S
 
 /// A FUSE mount or loop device below a node's run directory.
 fn hosts_devices(run_dir: &Path) -> bool {
-    let mounted = std::fs::read_to_string("/proc/self/mountinfo")
-        .is_ok_and(|info| !mounts_below(&info, run_dir).is_empty());
+    let mounted =
+        std::fs::read_to_string("/proc/self/mountinfo").is_ok_and(|info| !mounts_below(&info, run_dir).is_empty());
     mounted || !loops_below(&[run_dir]).is_empty()
 }
 
@@ -219,13 +189,7 @@ mod tests {
     #[tokio::test]
     async fn a_missing_dir_is_nothing_to_do() {
         let dir = tempfile::tempdir().unwrap();
-        let out = down(
-            &DownArgs { keep_data: false },
-            &dir.path().join("none"),
-            Output::Table,
-        )
-        .await
-        .unwrap();
+        let out = down(&DownArgs { keep_data: false }, &dir.path().join("none"), Output::Table).await.unwrap();
         assert!(out.starts_with("nothing to do"), "{out}");
     }
 
@@ -233,21 +197,12 @@ mod tests {
     async fn a_foreign_dir_is_left_alone() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("precious"), "data").unwrap();
-        let e = down(&DownArgs { keep_data: false }, dir.path(), Output::Table)
-            .await
-            .unwrap_err()
-            .to_string();
+        let e = down(&DownArgs { keep_data: false }, dir.path(), Output::Table).await.unwrap_err().to_string();
         assert!(e.contains("not a dev cluster's state directory"), "{e}");
         assert!(dir.path().join("precious").exists());
         std::fs::write(dir.path().join(FILE_NAME), "{").unwrap();
-        let e = down(&DownArgs { keep_data: false }, dir.path(), Output::Table)
-            .await
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("cluster.json") && e.contains("nothing was stopped"),
-            "{e}"
-        );
+        let e = down(&DownArgs { keep_data: false }, dir.path(), Output::Table).await.unwrap_err().to_string();
+        assert!(e.contains("cluster.json") && e.contains("nothing was stopped"), "{e}");
         assert!(dir.path().join("precious").exists());
     }
 
@@ -256,19 +211,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let state = dir.path().join("state");
         std::fs::create_dir(&state).unwrap();
-        let mut sleep = std::process::Command::new("sleep")
-            .arg("60")
-            .spawn()
-            .unwrap();
+        let mut sleep = std::process::Command::new("sleep").arg("60").spawn().unwrap();
         let text = format!(
-            r#"{{"volumed":[], "state_dir":"{}", "csi_controller":{{"pid":{},"args":["sleep","60"]}}}}"#,
+            r#"{{"volumed":[], "state_dir":"{}", "csi_controller_process":{{"endpoint":"unix:///x.sock",
+                "pid":{},"log":"/x.log","args":["sleep","60"]}}}}"#,
             state.display(),
             sleep.id()
         );
         std::fs::write(state.join(FILE_NAME), text).unwrap();
-        let out = down(&DownArgs { keep_data: true }, &state, Output::Json)
-            .await
-            .unwrap();
+        let out = down(&DownArgs { keep_data: true }, &state, Output::Json).await.unwrap();
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
         assert_eq!(v["stopped"], serde_json::json!([]));
         assert_eq!(v["not_running"][0]["pid"], sleep.id());

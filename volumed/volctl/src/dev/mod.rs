@@ -1,7 +1,9 @@
 //! `volctl dev up/down`: a local multi-node cluster of real volumed
-//! processes on loopback addresses, described by `<state-dir>/cluster.json`.
+//! processes on loopback addresses with the CSI plugins (one controller, a
+//! node plugin per node), described by `<state-dir>/cluster.json`.
 
 pub mod cleanup;
+pub mod csi;
 pub mod down;
 pub mod process;
 pub mod up;

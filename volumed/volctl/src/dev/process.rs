@@ -15,56 +15,30 @@ use nix::unistd::Pid;
 /// Environment variables a child keeps. Everything else goes: proxy
 /// settings would send gRPC to the proxy, and the caller's VOLUMED_* would
 /// override the flags volctl passes.
-const KEPT_ENV: [&str; 9] = [
-    "PATH",
-    "HOME",
-    "USER",
-    "LANG",
-    "LC_ALL",
-    "TMPDIR",
-    "RUST_LOG",
-    "RUST_BACKTRACE",
-    "RUST_LIB_BACKTRACE",
-];
+const KEPT_ENV: [&str; 9] =
+    ["PATH", "HOME", "USER", "LANG", "LC_ALL", "TMPDIR", "RUST_LOG", "RUST_BACKTRACE", "RUST_LIB_BACKTRACE"];
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 pub fn clean_env() -> BTreeMap<String, String> {
-    let mut env: BTreeMap<String, String> = KEPT_ENV
-        .iter()
-        .filter_map(|k| std::env::var(k).ok().map(|v| (k.to_string(), v)))
-        .collect();
-    env.entry("PATH".into())
-        .or_insert_with(|| DEFAULT_PATH.into());
+    let mut env: BTreeMap<String, String> =
+        KEPT_ENV.iter().filter_map(|k| std::env::var(k).ok().map(|v| (k.to_string(), v))).collect();
+    env.entry("PATH".into()).or_insert_with(|| DEFAULT_PATH.into());
     env
 }
 
 /// Starts `args` in its own session with stdin from /dev/null and
 /// stdout/stderr appended to `log`, so it outlives volctl and its terminal.
-pub fn spawn_detached(
-    args: &[String],
-    env: &BTreeMap<String, String>,
-    log: &Path,
-) -> std::io::Result<Child> {
-    let (program, rest) = args.split_first().ok_or_else(|| {
-        std::io::Error::new(std::io::ErrorKind::InvalidInput, "empty command line")
-    })?;
+pub fn spawn_detached(args: &[String], env: &BTreeMap<String, String>, log: &Path) -> std::io::Result<Child> {
+    let (program, rest) = args
+        .split_first()
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "empty command line"))?;
     let out = OpenOptions::new().create(true).append(true).open(log)?;
     let err = out.try_clone()?;
     let mut cmd = Command::new(program);
-    cmd.args(rest)
-        .env_clear()
-        .envs(env)
-        .stdin(Stdio::null())
-        .stdout(out)
-        .stderr(err)
-        .current_dir("/");
+    cmd.args(rest).env_clear().envs(env).stdin(Stdio::null()).stdout(out).stderr(err).current_dir("/");
     // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
     unsafe {
-        cmd.pre_exec(|| {
-            nix::unistd::setsid()
-                .map(|_| ())
-                .map_err(std::io::Error::from)
-        });
+        cmd.pre_exec(|| nix::unistd::setsid().map(|_| ()).map_err(std::io::Error::from));
     }
     cmd.spawn()
 }
@@ -75,9 +49,7 @@ pub fn is_running(pid: u32) -> bool {
         return false;
     };
     // The state follows the command name, which may itself contain ')'.
-    let state = stat
-        .rfind(')')
-        .and_then(|i| stat[i + 1..].split_whitespace().next());
+    let state = stat.rfind(')').and_then(|i| stat[i + 1..].split_whitespace().next());
     !matches!(state, None | Some("Z") | Some("X") | Some("x"))
 }
 
@@ -91,12 +63,7 @@ pub fn exe_name(pid: u32) -> Option<String> {
 
 pub fn cmdline(pid: u32) -> Option<Vec<String>> {
     let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    Some(
-        raw.split(|b| *b == 0)
-            .filter(|s| !s.is_empty())
-            .map(|s| String::from_utf8_lossy(s).into_owned())
-            .collect(),
-    )
+    Some(raw.split(|b| *b == 0).filter(|s| !s.is_empty()).map(|s| String::from_utf8_lossy(s).into_owned()).collect())
 }
 
 /// Binaries `dev down` may signal.
@@ -113,11 +80,7 @@ pub fn is_ours(pid: u32, recorded_args: Option<&[String]>, state_dirs: &[&Path])
     }
     let name_ok = exe_name(pid)
         .or_else(|| {
-            cmdline(pid)?.first().and_then(|a| {
-                Path::new(a)
-                    .file_name()
-                    .map(|f| f.to_string_lossy().into_owned())
-            })
+            cmdline(pid)?.first().and_then(|a| Path::new(a).file_name().map(|f| f.to_string_lossy().into_owned()))
         })
         .is_some_and(|n| is_cluster_binary(&n));
     if !name_ok {
@@ -171,14 +134,7 @@ pub fn terminate(pids: &[u32], grace: Duration) -> Vec<(u32, Stopped)> {
         std::thread::sleep(Duration::from_millis(50));
     }
     for pid in killed {
-        out.push((
-            pid,
-            if is_running(pid) {
-                Stopped::Stuck
-            } else {
-                Stopped::Killed
-            },
-        ));
+        out.push((pid, if is_running(pid) { Stopped::Stuck } else { Stopped::Killed }));
     }
     out
 }
@@ -190,9 +146,7 @@ pub fn stop_children(children: &mut [Child], grace: Duration) {
     }
     let deadline = Instant::now() + grace;
     loop {
-        let all_done = children
-            .iter_mut()
-            .all(|c| matches!(c.try_wait(), Ok(Some(_))));
+        let all_done = children.iter_mut().all(|c| matches!(c.try_wait(), Ok(Some(_))));
         if all_done || Instant::now() >= deadline {
             break;
         }
@@ -247,30 +201,18 @@ mod tests {
     fn detached_child_has_its_own_session_and_clean_env() {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("out.log");
-        let args: Vec<String> = [
-            "/bin/sh",
-            "-c",
-            "echo sid=$(cut -d' ' -f6 /proc/$$/stat) pid=$$; echo proxy=${http_proxy:-none}",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        let args: Vec<String> =
+            ["/bin/sh", "-c", "echo sid=$(cut -d' ' -f6 /proc/$$/stat) pid=$$; echo proxy=${http_proxy:-none}"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
         let mut env = clean_env();
         env.insert("PATH".into(), DEFAULT_PATH.into());
         let mut child = spawn_detached(&args, &env, &log).unwrap();
         let pid = child.id();
         assert!(child.wait().unwrap().success());
         let out = std::fs::read_to_string(&log).unwrap();
-        let sid: u32 = out
-            .split("sid=")
-            .nth(1)
-            .unwrap()
-            .split_whitespace()
-            .next()
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap();
+        let sid: u32 = out.split("sid=").nth(1).unwrap().split_whitespace().next().unwrap().trim().parse().unwrap();
         assert_eq!(sid, pid, "the child leads its own session: {out}");
         assert!(out.contains("proxy=none"), "{out}");
     }
@@ -287,10 +229,7 @@ mod tests {
         assert_eq!(exe_name(pid).as_deref(), Some("sleep"));
         assert_eq!(cmdline(pid).unwrap(), vec!["sleep", "30"]);
         let args = vec!["sleep".to_string(), "30".to_string()];
-        assert!(
-            !is_ours(pid, Some(&args), &[Path::new("/")]),
-            "sleep is not a volumed"
-        );
+        assert!(!is_ours(pid, Some(&args), &[Path::new("/")]), "sleep is not a volumed");
         sleep.kill().unwrap();
         sleep.wait().unwrap();
         assert!(!is_running(pid));
@@ -307,14 +246,8 @@ mod tests {
         let pid = child.id();
         wait_exec(pid, "volumed-fake");
         assert!(is_ours(pid, Some(&args), &[]));
-        assert!(
-            !is_ours(pid, Some(&[args[0].clone(), "31".into()]), &[]),
-            "another command line"
-        );
-        assert!(
-            !is_ours(pid, None, &[&state]),
-            "does not name the state dir"
-        );
+        assert!(!is_ours(pid, Some(&[args[0].clone(), "31".into()]), &[]), "another command line");
+        assert!(!is_ours(pid, None, &[&state]), "does not name the state dir");
         assert!(is_ours(pid, None, &[dir.path()]));
         let stopped = terminate(&[pid], Duration::from_secs(5));
         // Our own child stays a zombie until reaped, which counts as gone.
@@ -332,10 +265,7 @@ mod tests {
     }
 
     fn exe_path(name: &str) -> std::path::PathBuf {
-        std::env::split_paths(&std::env::var_os("PATH").unwrap())
-            .map(|d| d.join(name))
-            .find(|p| p.exists())
-            .unwrap()
+        std::env::split_paths(&std::env::var_os("PATH").unwrap()).map(|d| d.join(name)).find(|p| p.exists()).unwrap()
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use volumed_proto::volumed::v1 as pb;
 
 use super::process::{self, clean_env, spawn_detached};
-use super::{absolute, note, STOP_GRACE};
+use super::{absolute, csi, note, STOP_GRACE};
 use crate::cli::{Output, UpArgs, DEFAULT_STATE_DIR};
 use crate::commands::Api;
 use crate::error::CliError;
@@ -20,7 +20,7 @@ use crate::table::Table;
 /// Label key volumed reads as a node's zone (the Kubernetes one).
 pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 /// `sun_path` is 108 bytes including the terminating NUL.
-const MAX_SOCKET_PATH: usize = 107;
+pub const MAX_SOCKET_PATH: usize = 107;
 const LOG_TAIL_LINES: usize = 15;
 
 /// What `dev up` passes to node `i` (1-based) of `n`.
@@ -39,7 +39,9 @@ pub struct Plan {
 pub fn node_ip(first: Ipv4Addr, i: u32) -> Result<Ipv4Addr, CliError> {
     let ip = u32::from(first).checked_add(i - 1).map(Ipv4Addr::from);
     match ip {
-        Some(ip) if ip.octets()[0] == 127 && ip != Ipv4Addr::new(127, 255, 255, 255) && !first.is_unspecified() => Ok(ip),
+        Some(ip) if ip.octets()[0] == 127 && ip != Ipv4Addr::new(127, 255, 255, 255) && !first.is_unspecified() => {
+            Ok(ip)
+        }
         _ => Err(CliError::Dev(format!(
             "--first-ip {first}: node {i} would not be on a loopback address; dev clusters listen on 127.0.0.0/8 only"
         ))),
@@ -140,36 +142,39 @@ fn is_executable(p: &Path) -> bool {
 
 /// --volumed-bin, else `volumed` next to this volctl, else on PATH.
 pub fn find_volumed(given: Option<&Path>) -> Result<PathBuf, CliError> {
+    find_binary(
+        "volumed",
+        given,
+        "--volumed-bin",
+        "build it with `cargo build -p volumed --bins` or pass --volumed-bin PATH",
+    )
+}
+
+/// The program `name`: `given` (from `flag`), else next to this volctl,
+/// else on PATH. `hint` says what to do when it is nowhere.
+pub fn find_binary(name: &str, given: Option<&Path>, flag: &str, hint: &str) -> Result<PathBuf, CliError> {
     if let Some(p) = given {
         let p = absolute(p)?;
         if !is_executable(&p) {
-            return Err(CliError::Dev(format!(
-                "--volumed-bin {}: not an executable file",
-                p.display()
-            )));
+            return Err(CliError::Dev(format!("{flag} {}: not an executable file", p.display())));
         }
         return Ok(p);
     }
-    let beside = std::env::current_exe()
-        .ok()
-        .and_then(|e| e.parent().map(|d| d.join("volumed")));
+    let beside = std::env::current_exe().ok().and_then(|e| e.parent().map(|d| d.join(name)));
     if let Some(b) = beside.as_ref().filter(|b| is_executable(b)) {
         return Ok(b.clone());
     }
     if let Some(p) = std::env::var_os("PATH")
         .iter()
         .flat_map(std::env::split_paths)
-        .map(|d| d.join("volumed"))
+        .map(|d| d.join(name))
         .find(|p| p.is_absolute() && is_executable(p))
     {
         return Ok(p);
     }
     Err(CliError::Dev(format!(
-        "cannot find the volumed binary (not next to volctl{} and not on PATH); build it with \
-         `cargo build -p volumed --bins` or pass --volumed-bin PATH",
-        beside
-            .and_then(|b| b.parent().map(|d| format!(" in {}", d.display())))
-            .unwrap_or_default()
+        "cannot find the {name} binary (not next to volctl{} and not on PATH); {hint}",
+        beside.and_then(|b| b.parent().map(|d| format!(" in {}", d.display()))).unwrap_or_default()
     )))
 }
 
@@ -215,9 +220,7 @@ fn check_fresh_dir(dir: &Path) -> Result<(), CliError> {
 pub async fn up(args: &UpArgs, state_dir: &Path, output: Output) -> Result<String, CliError> {
     let dir = absolute(state_dir)?;
     if let Some(cluster) = ClusterFile::load(&dir)?.filter(|c| !c.volumed.is_empty()) {
-        let dir = dir
-            .canonicalize()
-            .map_err(|e| CliError::io(format!("resolve {}", dir.display()), e))?;
+        let dir = dir.canonicalize().map_err(|e| CliError::io(format!("resolve {}", dir.display()), e))?;
         return resume(args, &dir, cluster, output).await;
     }
     if args.zones.iter().any(|z| z.trim().is_empty()) {
@@ -225,11 +228,8 @@ pub async fn up(args: &UpArgs, state_dir: &Path, output: Output) -> Result<Strin
     }
     check_fresh_dir(&dir)?;
     let volumed_bin = find_volumed(args.volumed_bin.as_deref())?;
-    std::fs::create_dir_all(&dir)
-        .map_err(|e| CliError::io(format!("create {}", dir.display()), e))?;
-    let dir = dir
-        .canonicalize()
-        .map_err(|e| CliError::io(format!("resolve {}", dir.display()), e))?;
+    std::fs::create_dir_all(&dir).map_err(|e| CliError::io(format!("create {}", dir.display()), e))?;
+    let dir = dir.canonicalize().map_err(|e| CliError::io(format!("resolve {}", dir.display()), e))?;
     let plan = Plan {
         n: args.nodes.unwrap_or(3),
         first_ip: args.first_ip,
@@ -242,18 +242,12 @@ pub async fn up(args: &UpArgs, state_dir: &Path, output: Output) -> Result<Strin
     };
     let entries = plan.entries()?;
     check_free(&entries.iter().collect::<Vec<_>>())?;
-    let extra = ClusterFile::load(&dir)?
-        .map(|c| c.extra)
-        .unwrap_or_default();
-    let mut cluster = ClusterFile {
-        volumed: entries,
-        state_dir: dir.clone(),
-        extra,
-    };
+    let extra = ClusterFile::load(&dir)?.map(|c| c.extra).unwrap_or_default();
+    // A fresh cluster gets fresh plugins too (planned once volumed runs).
+    let mut cluster = ClusterFile { volumed: entries, state_dir: dir.clone(), extra, ..Default::default() };
     for e in &cluster.volumed {
         for d in [&e.data_dir, &e.run_dir] {
-            std::fs::create_dir_all(d)
-                .map_err(|err| CliError::io(format!("create {}", d.display()), err))?;
+            std::fs::create_dir_all(d).map_err(|err| CliError::io(format!("create {}", d.display()), err))?;
         }
     }
     // Recorded before anything starts, so `dev down` can always clean up.
@@ -261,16 +255,22 @@ pub async fn up(args: &UpArgs, state_dir: &Path, output: Output) -> Result<Strin
     let all: Vec<usize> = (0..cluster.volumed.len()).collect();
     let children = start(&mut cluster, &all, &dir)?;
     let status = wait_or_stop(&cluster, children, args.timeout, &dir).await?;
+    start_csi(args, &mut cluster, &dir).await?;
     Ok(summary(&cluster, &status, &dir, output, "started"))
 }
 
+/// The CSI plugins, unless --no-csi: whatever of them does not run is
+/// started (all of them for a new cluster).
+async fn start_csi(args: &UpArgs, cluster: &mut ClusterFile, dir: &Path) -> Result<Vec<String>, CliError> {
+    if args.no_csi {
+        return Ok(Vec::new());
+    }
+    let bins = || csi::find_bins(args.csi_controller_bin.as_deref(), args.csi_node_bin.as_deref());
+    csi::ensure(cluster, dir, bins, args.timeout).await
+}
+
 /// Restarts what died of an existing cluster, from the recorded argv.
-async fn resume(
-    args: &UpArgs,
-    dir: &Path,
-    mut cluster: ClusterFile,
-    output: Output,
-) -> Result<String, CliError> {
+async fn resume(args: &UpArgs, dir: &Path, mut cluster: ClusterFile, output: Output) -> Result<String, CliError> {
     if let Some(n) = args.nodes.filter(|n| *n as usize != cluster.volumed.len()) {
         return Err(CliError::Dev(format!(
             "{} holds a {}-node dev cluster; run `volctl dev down` first to start one with {n} nodes, or use another \
@@ -287,27 +287,17 @@ async fn resume(
         .collect();
     if dead.is_empty() {
         let status = wait_or_stop(&cluster, Vec::new(), args.timeout, dir).await?;
-        return Ok(summary(&cluster, &status, dir, output, "already running"));
+        let csi = start_csi(args, &mut cluster, dir).await?;
+        let what = if csi.is_empty() { "already running".to_string() } else { format!("restarted {}", csi.join(", ")) };
+        return Ok(summary(&cluster, &status, dir, output, &what));
     }
-    check_free(
-        &dead
-            .iter()
-            .map(|i| &cluster.volumed[*i])
-            .collect::<Vec<_>>(),
-    )?;
-    let names: Vec<String> = dead
-        .iter()
-        .map(|i| cluster.volumed[*i].node_name.clone())
-        .collect();
+    check_free(&dead.iter().map(|i| &cluster.volumed[*i]).collect::<Vec<_>>())?;
+    let names: Vec<String> = dead.iter().map(|i| cluster.volumed[*i].node_name.clone()).collect();
     let children = start(&mut cluster, &dead, dir)?;
     let status = wait_or_stop(&cluster, children, args.timeout, dir).await?;
-    Ok(summary(
-        &cluster,
-        &status,
-        dir,
-        output,
-        &format!("restarted {}", names.join(", ")),
-    ))
+    let mut names = names;
+    names.extend(start_csi(args, &mut cluster, dir).await?);
+    Ok(summary(&cluster, &status, dir, output, &format!("restarted {}", names.join(", "))))
 }
 
 /// A started node: its index in the cluster file and the process.
@@ -324,13 +314,7 @@ fn start(cluster: &mut ClusterFile, which: &[usize], dir: &Path) -> Result<Start
         let msg = match &spawned {
             Ok(child) => {
                 e.pid = child.id();
-                format!(
-                    "started {} (pid {}) on {}, log {}",
-                    e.node_name,
-                    e.pid,
-                    e.api,
-                    e.log.display()
-                )
+                format!("started {} (pid {}) on {}, log {}", e.node_name, e.pid, e.api, e.log.display())
             }
             Err(err) => {
                 e.pid = 0;
@@ -365,10 +349,7 @@ async fn wait_or_stop(
     dir: &Path,
 ) -> Result<pb::ClusterStatusResponse, CliError> {
     if !children.is_empty() {
-        note(&format!(
-            "waiting up to {}s for the cluster to form…",
-            timeout.as_secs()
-        ));
+        note(&format!("waiting up to {}s for the cluster to form…", timeout.as_secs()));
     }
     match wait_ready(cluster, &mut children, timeout).await {
         Ok(s) => Ok(s),
@@ -376,11 +357,7 @@ async fn wait_or_stop(
             let mut procs: Vec<Child> = children.into_iter().map(|(_, c)| c).collect();
             process::stop_children(&mut procs, STOP_GRACE);
             for e in &cluster.volumed {
-                note(&format!(
-                    "--- last lines of {} ({}):",
-                    e.node_name,
-                    e.log.display()
-                ));
+                note(&format!("--- last lines of {} ({}):", e.node_name, e.log.display()));
                 note(process::log_tail(&e.log, LOG_TAIL_LINES).trim_end());
             }
             Err(CliError::Dev(format!(
@@ -414,19 +391,12 @@ async fn wait_ready(
     timeout: Duration,
 ) -> Result<pb::ClusterStatusResponse, String> {
     let deadline = Instant::now() + timeout;
-    let want: Vec<&str> = cluster
-        .volumed
-        .iter()
-        .map(|e| e.node_name.as_str())
-        .collect();
+    let want: Vec<&str> = cluster.volumed.iter().map(|e| e.node_name.as_str()).collect();
     let mut best = Progress::NoAnswer("no node answered".into());
     loop {
         for (i, c) in children.iter_mut() {
             if let Ok(Some(status)) = c.try_wait() {
-                return Err(format!(
-                    "{} exited during startup ({status})",
-                    cluster.volumed[*i].node_name
-                ));
+                return Err(format!("{} exited during startup ({status})", cluster.volumed[*i].node_name));
             }
         }
         match probe(cluster, &want).await {
@@ -434,41 +404,26 @@ async fn wait_ready(
             Err(p) => best = best.max(p),
         }
         if Instant::now() >= deadline {
-            return Err(format!(
-                "not ready after {}s: {}",
-                timeout.as_secs(),
-                best.text()
-            ));
+            return Err(format!("not ready after {}s: {}", timeout.as_secs(), best.text()));
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 
 /// Ready when some node says the catalog formed and lists every node up.
-async fn probe(
-    cluster: &ClusterFile,
-    want: &[&str],
-) -> Result<pb::ClusterStatusResponse, Progress> {
+async fn probe(cluster: &ClusterFile, want: &[&str]) -> Result<pb::ClusterStatusResponse, Progress> {
     let mut best = Progress::NoAnswer("no node answered".into());
     for e in &cluster.volumed {
         let step = async {
-            let mut api = Api::connect(&e.api)
-                .await
-                .map_err(|err| Progress::NoAnswer(err.to_string()))?;
-            let status = api
-                .cluster_status()
-                .await
-                .map_err(|err| Progress::NoAnswer(err.to_string()))?;
+            let mut api = Api::connect(&e.api).await.map_err(|err| Progress::NoAnswer(err.to_string()))?;
+            let status = api.cluster_status().await.map_err(|err| Progress::NoAnswer(err.to_string()))?;
             if !status.ready {
                 return Err(Progress::NotFormed(format!(
                     "{} answers but the catalog has not formed yet (leader: {})",
                     e.node_name, status.catalog_leader_id
                 )));
             }
-            let nodes = api
-                .nodes()
-                .await
-                .map_err(|err| Progress::NotFormed(err.to_string()))?;
+            let nodes = api.nodes().await.map_err(|err| Progress::NotFormed(err.to_string()))?;
             let up: Vec<&str> = nodes
                 .iter()
                 .filter(|n| n.state() == pb::NodeState::Up && want.contains(&n.name.as_str()))
@@ -489,12 +444,7 @@ async fn probe(
         match tokio::time::timeout(Duration::from_secs(5), step).await {
             Ok(Ok(s)) => return Ok(s),
             Ok(Err(p)) => best = best.max(p),
-            Err(_) => {
-                best = best.max(Progress::NoAnswer(format!(
-                    "{} did not answer within 5s",
-                    e.node_name
-                )))
-            }
+            Err(_) => best = best.max(Progress::NoAnswer(format!("{} did not answer within 5s", e.node_name))),
         }
     }
     Err(best)
@@ -533,15 +483,36 @@ fn summary(
         ]);
     }
     out.push_str(&t.render());
+    if let Some(endpoint) = &cluster.csi_controller {
+        out.push_str(&format!("\nCSI plugins (driver csi.volumed.dev), controller at {endpoint}:\n\n"));
+        let mut t = Table::new(&["PLUGIN", "NODE ID", "ENDPOINT", "KUBELET DIR", "PID", "LOG"]);
+        if let Some(p) = &cluster.csi_controller_process {
+            t.row(vec![
+                csi::CONTROLLER_BIN.into(),
+                "-".into(),
+                p.endpoint.clone(),
+                "-".into(),
+                p.pid.to_string(),
+                p.log.display().to_string(),
+            ]);
+        }
+        for n in &cluster.csi_nodes {
+            t.row(vec![
+                format!("{} {}", csi::NODE_BIN, n.node_name),
+                n.node_id.clone(),
+                n.process.endpoint.clone(),
+                n.kubelet_dir.display().to_string(),
+                n.process.pid.to_string(),
+                n.process.log.display().to_string(),
+            ]);
+        }
+        out.push_str(&t.render());
+    }
     out.push_str("\nTry:\n");
     if dir != Path::new(DEFAULT_STATE_DIR) {
         out.push_str(&format!("  export VOLUMED_STATE_DIR={}\n", dir.display()));
     }
-    let first = cluster
-        .volumed
-        .first()
-        .map(|e| e.api.as_str())
-        .unwrap_or("http://127.0.0.2:7400");
+    let first = cluster.volumed.first().map(|e| e.api.as_str()).unwrap_or("http://127.0.0.2:7400");
     out.push_str(&format!(
         "  volctl volume create demo --size 1Gi          # volctl finds the cluster via {}\n\
          \x20 volctl volume get demo                        # or: volctl --endpoint {first} …\n\
@@ -570,10 +541,7 @@ mod tests {
     }
 
     fn flag<'a>(args: &'a [String], name: &str) -> Vec<&'a str> {
-        args.windows(2)
-            .filter(|w| w[0] == name)
-            .map(|w| w[1].as_str())
-            .collect()
+        args.windows(2).filter(|w| w[0] == name).map(|w| w[1].as_str()).collect()
     }
 
     #[test]
@@ -586,18 +554,12 @@ mod tests {
         assert_eq!(n2.api, "http://127.0.0.3:7400");
         assert_eq!(n2.nbd, "127.0.0.3:10809");
         assert_eq!(n2.data_dir, PathBuf::from("/tmp/vd/node-2/data"));
-        assert_eq!(
-            n2.local_socket,
-            PathBuf::from("/tmp/vd/node-2/run/volumed.sock")
-        );
+        assert_eq!(n2.local_socket, PathBuf::from("/tmp/vd/node-2/run/volumed.sock"));
         assert_eq!(n2.log, PathBuf::from("/tmp/vd/node-2/volumed.log"));
         assert_eq!(n2.args[0], "/opt/bin/volumed");
         assert_eq!(flag(&n2.args, "--listen"), ["127.0.0.3:7400"]);
         assert_eq!(flag(&n2.args, "--nbd-listen"), ["127.0.0.3:10809"]);
-        assert_eq!(
-            flag(&n2.args, "--join"),
-            ["127.0.0.2:7400,127.0.0.3:7400,127.0.0.4:7400"]
-        );
+        assert_eq!(flag(&n2.args, "--join"), ["127.0.0.2:7400,127.0.0.3:7400,127.0.0.4:7400"]);
         assert_eq!(flag(&n2.args, "--bootstrap-expect"), ["3"]);
         assert_eq!(flag(&n2.args, "--catalog-voters"), ["3"]);
         assert_eq!(flag(&n2.args, "--node-down-grace"), ["5m"]);
@@ -632,22 +594,12 @@ mod tests {
 
     #[test]
     fn addresses_stay_on_loopback() {
-        assert_eq!(
-            node_ip(Ipv4Addr::new(127, 0, 0, 255), 2).unwrap(),
-            Ipv4Addr::new(127, 0, 1, 0)
-        );
+        assert_eq!(node_ip(Ipv4Addr::new(127, 0, 0, 255), 2).unwrap(), Ipv4Addr::new(127, 0, 1, 0));
         assert!(node_ip(Ipv4Addr::new(127, 255, 255, 254), 2).is_err());
-        assert!(node_ip(Ipv4Addr::new(10, 0, 0, 1), 1)
-            .unwrap_err()
-            .to_string()
-            .contains("127.0.0.0/8"));
+        assert!(node_ip(Ipv4Addr::new(10, 0, 0, 1), 1).unwrap_err().to_string().contains("127.0.0.0/8"));
         let mut p = plan(2, &[]);
         p.state_dir = PathBuf::from(format!("/tmp/{}", "x".repeat(100)));
-        assert!(p
-            .entries()
-            .unwrap_err()
-            .to_string()
-            .contains("too long for a unix socket"));
+        assert!(p.entries().unwrap_err().to_string().contains("too long for a unix socket"));
     }
 
     #[test]
@@ -669,22 +621,14 @@ mod tests {
         e.api = format!("http://{}", l.local_addr().unwrap());
         e.nbd = "127.0.0.1:0".into();
         let err = check_free(&[&e]).unwrap_err().to_string();
-        assert!(
-            err.contains("cannot be used") && err.contains("--first-ip"),
-            "{err}"
-        );
+        assert!(err.contains("cannot be used") && err.contains("--first-ip"), "{err}");
     }
 
     #[test]
     fn volumed_binary_lookup() {
         let dir = tempfile::tempdir().unwrap();
-        let e = find_volumed(Some(&dir.path().join("none")))
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("--volumed-bin") && e.contains("not an executable"),
-            "{e}"
-        );
+        let e = find_volumed(Some(&dir.path().join("none"))).unwrap_err().to_string();
+        assert!(e.contains("--volumed-bin") && e.contains("not an executable"), "{e}");
         let bin = dir.path().join("volumed");
         std::fs::write(&bin, "#!/bin/sh\n").unwrap();
         use std::os::unix::fs::PermissionsExt;
@@ -697,37 +641,21 @@ mod tests {
         let mut e = plan(2, &[]).entries().unwrap();
         e[0].pid = 41;
         e[1].pid = 42;
-        let c = ClusterFile {
-            volumed: e,
-            state_dir: "/tmp/vd".into(),
-            extra: Default::default(),
-        };
-        let status = pb::ClusterStatusResponse {
-            catalog_leader_id: 2,
-            ready: true,
-            ..Default::default()
-        };
+        let c = ClusterFile { volumed: e, state_dir: "/tmp/vd".into(), ..Default::default() };
+        let status = pb::ClusterStatusResponse { catalog_leader_id: 2, ready: true, ..Default::default() };
         let s = summary(&c, &status, Path::new("/tmp/vd"), Output::Table, "started");
         assert!(
-            s.starts_with(
-                "volumed dev cluster (started): 2 nodes, catalog leader node-2, state in /tmp/vd\n"
-            ),
+            s.starts_with("volumed dev cluster (started): 2 nodes, catalog leader node-2, state in /tmp/vd\n"),
             "{s}"
         );
-        assert!(s.contains("node-1  1   http://127.0.0.2:7400  127.0.0.2:10809  41   /tmp/vd/node-1/volumed.log"), "{s}");
-        assert!(s.contains("export VOLUMED_STATE_DIR=/tmp/vd"), "{s}");
         assert!(
-            s.contains("volctl volume create demo --size 1Gi") && s.contains("nbdcopy"),
+            s.contains("node-1  1   http://127.0.0.2:7400  127.0.0.2:10809  41   /tmp/vd/node-1/volumed.log"),
             "{s}"
         );
-        let j: serde_json::Value = serde_json::from_str(&summary(
-            &c,
-            &status,
-            Path::new("/tmp/vd"),
-            Output::Json,
-            "",
-        ))
-        .unwrap();
+        assert!(s.contains("export VOLUMED_STATE_DIR=/tmp/vd"), "{s}");
+        assert!(s.contains("volctl volume create demo --size 1Gi") && s.contains("nbdcopy"), "{s}");
+        let j: serde_json::Value =
+            serde_json::from_str(&summary(&c, &status, Path::new("/tmp/vd"), Output::Json, "")).unwrap();
         assert_eq!(j["volumed"][1]["pid"], 42);
     }
 }

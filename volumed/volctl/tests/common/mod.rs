@@ -21,15 +21,11 @@ pub struct Run {
 
 impl Run {
     pub fn describe(&self) -> String {
-        format!(
-            "exit {:?}\n--- stdout\n{}\n--- stderr\n{}",
-            self.code, self.stdout, self.stderr
-        )
+        format!("exit {:?}\n--- stdout\n{}\n--- stderr\n{}", self.code, self.stdout, self.stderr)
     }
 
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_str(&self.stdout)
-            .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {}", self.describe()))
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {}", self.describe()))
     }
 
     pub fn ok(self) -> Run {
@@ -41,11 +37,7 @@ impl Run {
     pub fn fails(self, code: i32, needles: &[&str]) -> Run {
         assert_eq!(self.code, Some(code), "{}", self.describe());
         for n in needles {
-            assert!(
-                self.stderr.contains(n),
-                "stderr lacks {n:?}: {}",
-                self.describe()
-            );
+            assert!(self.stderr.contains(n), "stderr lacks {n:?}: {}", self.describe());
         }
         self
     }
@@ -57,10 +49,7 @@ pub fn run_with(args: &[&str], env: &[(&str, &str)], limit: Duration) -> Run {
     let mut cmd = Command::new(volctl());
     cmd.args(args)
         .env_clear()
-        .env(
-            "PATH",
-            std::env::var("PATH").unwrap_or_else(|_| "/usr/sbin:/usr/bin:/sbin:/bin".into()),
-        )
+        .env("PATH", std::env::var("PATH").unwrap_or_else(|_| "/usr/sbin:/usr/bin:/sbin:/bin".into()))
         .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -71,10 +60,7 @@ pub fn run_with(args: &[&str], env: &[(&str, &str)], limit: Duration) -> Run {
         if Instant::now() > deadline {
             let _ = child.kill();
             let out = child.wait_with_output().expect("wait");
-            panic!(
-                "volctl {args:?} ran over {limit:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            panic!("volctl {args:?} ran over {limit:?}: {}", String::from_utf8_lossy(&out.stderr));
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -118,10 +104,7 @@ pub fn first_ip() -> String {
 pub fn is_running(pid: u64) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Ok(stat) => {
-            let state = stat
-                .rfind(')')
-                .and_then(|i| stat[i + 1..].split_whitespace().next())
-                .unwrap_or("");
+            let state = stat.rfind(')').and_then(|i| stat[i + 1..].split_whitespace().next()).unwrap_or("");
             !matches!(state, "Z" | "X" | "")
         }
         Err(_) => false,
@@ -166,10 +149,7 @@ pub struct DevDir {
 impl DevDir {
     pub fn new() -> DevDir {
         // Short path: node sockets live below it (108-byte limit).
-        let dir = tempfile::Builder::new()
-            .prefix("vctl")
-            .tempdir_in("/tmp")
-            .unwrap();
+        let dir = tempfile::Builder::new().prefix("vctl").tempdir_in("/tmp").unwrap();
         DevDir { dir }
     }
 
@@ -194,11 +174,7 @@ impl DevDir {
         match std::fs::read_to_string(self.path().join("cluster.json")) {
             Ok(t) => serde_json::from_str::<serde_json::Value>(&t)
                 .ok()
-                .and_then(|v| {
-                    v["volumed"]
-                        .as_array()
-                        .map(|a| a.iter().filter_map(|n| n["pid"].as_u64()).collect())
-                })
+                .and_then(|v| v["volumed"].as_array().map(|a| a.iter().filter_map(|n| n["pid"].as_u64()).collect()))
                 .unwrap_or_default(),
             Err(_) => Vec::new(),
         }
@@ -211,11 +187,7 @@ impl Drop for DevDir {
             return;
         }
         let dir = self.path_str();
-        let _ = run_with(
-            &["dev", "down", "--state-dir", &dir],
-            &[],
-            Duration::from_secs(90),
-        );
+        let _ = run_with(&["dev", "down", "--state-dir", &dir], &[], Duration::from_secs(90));
         if !self.path().exists() {
             return;
         }
@@ -228,13 +200,8 @@ impl Drop for DevDir {
                 let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
                     continue;
                 };
-                if pid as u32 != std::process::id()
-                    && String::from_utf8_lossy(&cmd).contains(&format!("{dir}/"))
-                {
-                    let _ = nix::sys::signal::kill(
-                        nix::unistd::Pid::from_raw(pid),
-                        nix::sys::signal::Signal::SIGKILL,
-                    );
+                if pid as u32 != std::process::id() && String::from_utf8_lossy(&cmd).contains(&format!("{dir}/")) {
+                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
                 }
             }
         }
