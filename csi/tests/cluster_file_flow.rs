@@ -18,20 +18,6 @@ fn usage(r: &csi::NodeGetVolumeStatsResponse, unit: Unit) -> (i64, i64) {
     r.usage.iter().find(|u| u.unit == unit as i32).map(|u| (u.total, u.used)).unwrap_or((0, 0))
 }
 
-async fn stats(c: &Csi, node: usize, id: &str, path: &str) -> csi::NodeGetVolumeStatsResponse {
-    c.nodes[node]
-        .node
-        .clone()
-        .node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
-            volume_id: id.into(),
-            volume_path: c.nodes[node].p(path),
-            staging_target_path: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-}
-
 #[tokio::test]
 async fn file_volume_is_shared_between_nodes() {
     let c = Csi::connect(cluster());
@@ -64,7 +50,7 @@ async fn file_volume_is_shared_between_nodes() {
     let e = std::fs::write(c.nodes[1].path(&format!("{tro}/nope")), b"x").unwrap_err();
     assert_eq!(e.kind(), std::io::ErrorKind::ReadOnlyFilesystem, "{e}");
 
-    let s = stats(&c, 0, &v.volume_id, t0).await;
+    let s = c.stats(0, &v.volume_id, t0).await;
     let (bytes_total, bytes_used) = usage(&s, Unit::Bytes);
     let (inodes_total, inodes_used) = usage(&s, Unit::Inodes);
     assert_eq!(bytes_total, 64 * MIB, "{s:?}");
@@ -100,7 +86,7 @@ async fn file_volume_is_shared_between_nodes() {
         .unwrap();
     let mut grown = 0;
     for _ in 0..50 {
-        grown = usage(&stats(&c, 1, &v.volume_id, t1).await, Unit::Bytes).0;
+        grown = usage(&c.stats(1, &v.volume_id, t1).await, Unit::Bytes).0;
         if grown == 128 * MIB {
             break;
         }

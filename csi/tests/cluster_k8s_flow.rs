@@ -20,20 +20,6 @@ fn bytes_total(r: &csi::NodeGetVolumeStatsResponse) -> i64 {
     r.usage.iter().find(|u| u.unit == Unit::Bytes as i32).map(|u| u.total).unwrap_or(0)
 }
 
-async fn stats(c: &Csi, node: usize, id: &str, path: &str) -> csi::NodeGetVolumeStatsResponse {
-    c.nodes[node]
-        .node
-        .clone()
-        .node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
-            volume_id: id.into(),
-            volume_path: c.nodes[node].p(path),
-            staging_target_path: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-}
-
 /// ControllerPublish + NodeStage + NodePublish on `node`.
 async fn attach(
     c: &Csi,
@@ -86,7 +72,7 @@ async fn expand_online() {
     let (staging, target) = ("plugins/expand/globalmount", "pods/e/volumes/data");
     attach(&c, 0, &v, xfs.clone(), staging, target, false).await;
     std::fs::write(c.nodes[0].path(&format!("{target}/keep")), b"k").unwrap();
-    let before = bytes_total(&stats(&c, 0, &v.volume_id, target).await);
+    let before = bytes_total(&c.stats(0, &v.volume_id, target).await);
 
     let r = c
         .ctrl
@@ -117,7 +103,7 @@ async fn expand_online() {
         .unwrap()
         .into_inner();
     assert!(n.capacity_bytes >= 640 * MIB);
-    let after = bytes_total(&stats(&c, 0, &v.volume_id, target).await);
+    let after = bytes_total(&c.stats(0, &v.volume_id, target).await);
     assert!(after > before + 250 * MIB, "filesystem grew online: {before} -> {after}");
     assert_eq!(std::fs::read(c.nodes[0].path(&format!("{target}/keep"))).unwrap(), b"k");
     detach(&c, 0, &v.volume_id, staging, target).await;

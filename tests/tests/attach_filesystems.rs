@@ -118,7 +118,7 @@ async fn node_local_api_answers_and_refuses_clearly() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::NotFound, "{}", e.message());
-    assert!(e.message().contains("x"), "{}", e.message());
+    assert!(e.message().contains("volume x"), "{}", e.message());
 
     // Unknown volumes: detach succeeds, health says not attached, attach says not found.
     let d = c.detach(pb::DetachRequest { volume: "no-such-volume".into() }).await.expect("detach unknown").into_inner();

@@ -125,6 +125,22 @@ pub struct Csi {
 }
 
 impl Csi {
+    /// NodeGetVolumeStats of `id` published at `path` (relative to the
+    /// node's kubelet dir) on node `node`.
+    pub async fn stats(&self, node: usize, id: &str, path: &str) -> csi::NodeGetVolumeStatsResponse {
+        self.nodes[node]
+            .node
+            .clone()
+            .node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
+                volume_id: id.into(),
+                volume_path: self.nodes[node].p(path),
+                staging_target_path: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
     pub fn connect(cluster: TestCluster) -> Csi {
         let ch = serve::channel(&cluster.controller_endpoint());
         let nodes = cluster

@@ -134,7 +134,8 @@ impl Catalog {
     /// removed keeps heartbeating until it steps down, but it can never
     /// confirm a quorum again, so asking it would only time out).
     pub fn leader(&self) -> Option<NodeId> {
-        let m = self.raft.metrics().borrow().clone();
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow();
         m.current_leader.filter(|l| m.membership_config.membership().voter_ids().any(|v| v == *l))
     }
 
