@@ -46,8 +46,16 @@ async fn wait_log(cluster: &Cluster, i: usize, needle: &[&str], timeout: Duratio
 async fn lost_node_is_rebuilt_on_a_spare_and_its_stale_copy_dropped() {
     let _serial = serial();
     let mut cluster =
-        Cluster::start(ClusterOptions { nodes: 4, bootstrap_expect: 4, down_grace: "3s".into(), ..Default::default() })
-            .await;
+        // The copy is paced (at about 5 s for the 200 MiB below), so the
+        // progress reports of the catalog can catch it half-way on any machine.
+        Cluster::start(ClusterOptions {
+            nodes: 4,
+            bootstrap_expect: 4,
+            down_grace: "3s".into(),
+            extra_args: vec!["--rebuild-bandwidth".into(), "40Mi".into()],
+            ..Default::default()
+        })
+        .await;
     let vol = cluster.create_volume("rebuild", 256 << 20, 3).await;
     let placed = holders(&cluster, &vol).await;
     // A second volume on the same nodes, deleted while the lost node is

@@ -67,6 +67,11 @@ pub struct Flags {
     /// elsewhere (e.g. 5m, 30s).
     #[arg(long, env = "VOLUMED_NODE_DOWN_GRACE", default_value = "5m")]
     pub node_down_grace: String,
+    /// Most bytes per second this node sends to one rebuilding or lagging
+    /// replica (e.g. 200Mi), so a rebuild leaves room for client I/O;
+    /// 0 = unlimited.
+    #[arg(long, env = "VOLUMED_REBUILD_BANDWIDTH", default_value = "0")]
+    pub rebuild_bandwidth: String,
     /// Device frontend for attached volumes.
     #[arg(long, env = "VOLUMED_FRONTEND", default_value = "auto", value_parser = ["auto", "kernel-nbd", "fuse-loop"])]
     pub frontend: String,
@@ -101,6 +106,8 @@ pub struct NodeConfig {
     pub max_volumes: u32,
     #[serde(with = "duration_secs")]
     pub node_down_grace: Duration,
+    /// Bytes per second per snapshot transfer; 0 = unlimited.
+    pub rebuild_bandwidth: u64,
     pub frontend: String,
     pub metrics_listen: Option<SocketAddr>,
     pub log_format: String,
@@ -232,6 +239,7 @@ impl Flags {
             None => None,
         };
         let node_down_grace = parse_duration(&self.node_down_grace).map_err(|m| invalid("node-down-grace", m))?;
+        let rebuild_bandwidth = parse_size(&self.rebuild_bandwidth).map_err(|m| invalid("rebuild-bandwidth", m))?;
         let local_socket = self.local_socket.clone().unwrap_or_else(|| self.run_dir.join("volumed.sock"));
         Ok(NodeConfig {
             node_id,
@@ -250,6 +258,7 @@ impl Flags {
             capacity_bytes,
             max_volumes: self.max_volumes,
             node_down_grace,
+            rebuild_bandwidth,
             frontend: self.frontend.clone(),
             metrics_listen: self.metrics_listen,
             log_format: self.log_format.clone(),
@@ -285,6 +294,8 @@ mod tests {
         assert!(e.starts_with("--label"), "{e}");
         let e = flags(&["--catalog-voters", "4"]).check().unwrap_err().to_string();
         assert!(e.starts_with("--catalog-voters"), "{e}");
+        let e = flags(&["--rebuild-bandwidth", "fast"]).check().unwrap_err().to_string();
+        assert!(e.starts_with("--rebuild-bandwidth"), "{e}");
         let e = flags(&["--node-down-grace", "soon"]).check().unwrap_err().to_string();
         assert!(e.starts_with("--node-down-grace"), "{e}");
     }

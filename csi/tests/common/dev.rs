@@ -134,16 +134,20 @@ fn tail(path: &Path, lines: usize) -> String {
         .collect()
 }
 
+/// The last lines of every process's log of the cluster in `dir`.
+pub fn print_log_tails(dir: &Path) {
+    if let Ok(c) = volumed_csi::harness::ClusterJson::load(dir) {
+        for (label, log) in c.logs() {
+            eprintln!("--- last lines of {label} ({}):\n{}", log.display(), tail(&log, 25));
+        }
+    }
+}
+
 impl Drop for DevCluster {
     fn drop(&mut self) {
         let dir = self.dir.path().to_path_buf();
         if std::thread::panicking() {
-            // The plugins' and nodes' own words about what went wrong.
-            if let Ok(c) = volumed_csi::harness::ClusterJson::load(&dir) {
-                for (label, log) in c.logs() {
-                    eprintln!("--- last lines of {label} ({}):\n{}", log.display(), tail(&log, 25));
-                }
-            }
+            print_log_tails(&dir);
         }
         let state = dir.to_string_lossy().into_owned();
         if let Err(e) = run(&["dev", "down", "--state-dir", &state], Duration::from_secs(120)) {

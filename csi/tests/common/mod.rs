@@ -3,9 +3,11 @@
 //! unpublishes, unstages and deletes what a test created even when it
 //! fails.
 //!
-//! Each test runs against a fresh `volctl dev up` cluster of its own (3
-//! volumed nodes, the controller plugin, a node plugin per node; torn down
-//! with `volctl dev down` when the test ends), one test at a time. Setting
+//! The tests of one binary share a `volctl dev up` cluster (3 volumed
+//! nodes, the controller plugin, a node plugin per node), started by the
+//! first test and torn down with `volctl dev down` when the binary exits;
+//! they take turns on it, each with volume names of its own and a guard
+//! that removes what it made. Setting
 //! `VOLUMED_CLUSTER_STATE` to the state directory of a running cluster runs
 //! the suites against that one instead. Node tests mount filesystems: run
 //! as root. `cargo build --workspace --bins` first: the suites start the
@@ -38,20 +40,37 @@ pub const GIB: i64 = 1 << 30;
 /// The cluster one test runs against.
 pub struct TestCluster {
     pub json: ClusterJson,
-    /// Fields drop in order: the cluster goes down before the next test
-    /// may start one.
-    dev: Option<dev::DevCluster>,
+    /// The shared dev cluster's state dir (None for `$VOLUMED_CLUSTER_STATE`).
+    dev_dir: Option<PathBuf>,
     _serial: MutexGuard<'static, ()>,
 }
 
 impl TestCluster {
     /// The state directory (`cluster.json`, logs).
     pub fn state_dir(&self) -> Option<PathBuf> {
-        self.dev
-            .as_ref()
-            .map(|d| d.state_dir().to_path_buf())
-            .or_else(|| std::env::var_os(STATE_DIR_ENV).map(PathBuf::from))
+        self.dev_dir.clone().or_else(|| std::env::var_os(STATE_DIR_ENV).map(PathBuf::from))
     }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        // A failed test: the plugins' and nodes' own words about it.
+        if std::thread::panicking() {
+            if let Some(dir) = &self.dev_dir {
+                dev::print_log_tails(dir);
+            }
+        }
+    }
+}
+
+/// The binary's dev cluster, started by the first test that needs one.
+static SHARED: Mutex<Option<dev::DevCluster>> = Mutex::new(None);
+
+/// Statics are never dropped: libtest ends the binary through exit() both
+/// when tests pass and when they fail, which runs this.
+extern "C" fn stop_shared_cluster() {
+    let cluster = SHARED.lock().unwrap_or_else(|p| p.into_inner()).take();
+    drop(cluster);
 }
 
 impl ClusterUnderTest for TestCluster {
@@ -66,9 +85,10 @@ impl ClusterUnderTest for TestCluster {
     }
 }
 
-/// `$VOLUMED_CLUSTER_STATE`'s cluster, else a fresh dev cluster. Tests of
-/// one binary take turns: a cluster is several processes with sub-second
-/// timers, and two side by side on a small machine measure the scheduler.
+/// `$VOLUMED_CLUSTER_STATE`'s cluster, else the binary's shared dev
+/// cluster. Tests of one binary take turns: a cluster is several processes
+/// with sub-second timers, and two tests at once on a small machine measure
+/// the scheduler.
 pub fn cluster() -> TestCluster {
     static SERIAL: Mutex<()> = Mutex::new(());
     for v in ["http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"] {
@@ -76,13 +96,19 @@ pub fn cluster() -> TestCluster {
     }
     let serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     match ClusterJson::from_env() {
-        Some(Ok(json)) => TestCluster { json, dev: None, _serial: serial },
+        Some(Ok(json)) => TestCluster { json, dev_dir: None, _serial: serial },
         Some(Err(e)) => panic!("{STATE_DIR_ENV}: {e}"),
         None => {
-            let dev = dev::DevCluster::start();
-            let json =
-                ClusterJson::load(dev.state_dir()).unwrap_or_else(|e| panic!("cluster.json of the dev cluster: {e}"));
-            TestCluster { json, dev: Some(dev), _serial: serial }
+            let mut shared = SHARED.lock().unwrap_or_else(|p| p.into_inner());
+            if shared.is_none() {
+                *shared = Some(dev::DevCluster::start());
+                // SAFETY: registers a plain function with no arguments.
+                unsafe { libc::atexit(stop_shared_cluster) };
+            }
+            let dir = shared.as_ref().map(|d| d.state_dir().to_path_buf()).unwrap_or_default();
+            drop(shared);
+            let json = ClusterJson::load(&dir).unwrap_or_else(|e| panic!("cluster.json of the dev cluster: {e}"));
+            TestCluster { json, dev_dir: Some(dir), _serial: serial }
         }
     }
 }

@@ -120,6 +120,7 @@ impl NodeRuntime {
             store: store.clone(),
             pool: pool.clone(),
             snap_dir: config.data_dir.join("snapshots"),
+            rebuild_bandwidth: config.rebuild_bandwidth,
         };
         let (shutdown, _) = watch::channel(false);
         Ok(Arc::new(NodeRuntime {

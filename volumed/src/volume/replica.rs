@@ -61,6 +61,8 @@ pub struct ReplicaContext {
     pub store: Arc<Store>,
     pub pool: Arc<PeerPool>,
     pub snap_dir: PathBuf,
+    /// Bytes per second per snapshot sent to a peer; 0 = unlimited.
+    pub rebuild_bandwidth: u64,
 }
 
 /// A status line of this replica, sent with heartbeats to the catalog
@@ -277,6 +279,7 @@ impl VolumeReplica {
             blocks: blocks.clone(),
             shared: shared.clone(),
             progress: progress.clone(),
+            bandwidth: ctx.rebuild_bandwidth,
         });
         let network = GroupNetworkFactory::<VolumeTc>::new(id, ctx.pool.clone(), source);
         let acks = network.acks();
