@@ -178,11 +178,23 @@ pub fn find_binary(name: &str, given: Option<&Path>, flag: &str, hint: &str) -> 
     )))
 }
 
+/// How long a busy address may take to come free. A node that just died
+/// (SIGKILL, OOM) shows as a zombie before its last threads have closed its
+/// listening sockets, so restarting it at once can find them still bound.
+const PORT_RELEASE_WAIT: Duration = Duration::from_secs(3);
+
 fn check_free(entries: &[&VolumedEntry]) -> Result<(), CliError> {
+    let deadline = Instant::now() + PORT_RELEASE_WAIT;
     for e in entries {
         let api = e.api.trim_start_matches("http://");
         for addr in [api, e.nbd.as_str()] {
-            if let Err(err) = TcpListener::bind(addr) {
+            let mut bound = TcpListener::bind(addr);
+            while matches!(&bound, Err(err) if err.kind() == std::io::ErrorKind::AddrInUse) && Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(100));
+                bound = TcpListener::bind(addr);
+            }
+            if let Err(err) = bound {
                 return Err(CliError::Dev(format!(
                     "{addr} ({}) cannot be used: {err}; another dev cluster? stop it with `volctl dev down \
                      --state-dir DIR`, or pass --first-ip (e.g. 127.0.1.2) / --api-port / --nbd-port",
