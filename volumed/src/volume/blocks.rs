@@ -113,46 +113,21 @@ impl BlockStore {
         ro
     }
 
+    /// An iterator over `block`'s versions, positioned at `start`.
+    fn block_cursor(&self, block: u64, start: &[u8]) -> Result<DBRawIterator<'_>, StoreError> {
+        let mut it = self.store.db().raw_iterator_cf_opt(self.store.cf(CF_BLOCKS)?, self.prefix_read_opts(block));
+        it.seek(start);
+        Ok(it)
+    }
+
     /// Versions of `block`, newest first, with whether each is a zero marker.
     pub fn versions(&self, block: u64) -> Result<Vec<(u64, bool)>, StoreError> {
-        let cf = self.store.cf(CF_BLOCKS)?;
-        let start = keys::block_prefix(self.group, block);
-        let it = self.store.db().iterator_cf_opt(
-            &cf,
-            self.prefix_read_opts(block),
-            IteratorMode::From(&start, Direction::Forward),
-        );
-        let mut out = Vec::new();
-        for item in it {
-            let (k, v) = item?;
-            match keys::parse_block_key(&k) {
-                Some((g, b, version)) if g == self.group && b == block => out.push((version, v.is_empty())),
-                _ => break,
-            }
-        }
-        Ok(out)
+        chain_at(&mut self.block_cursor(block, &keys::block_prefix(self.group, block))?, self.group, block)
     }
 
     /// The newest version of `block` at or below `at` (u64::MAX = current).
     pub fn read_at(&self, block: u64, at: u64) -> Result<Option<(u64, Stored)>, BlockReadError> {
-        let cf = self.store.cf(CF_BLOCKS)?;
-        let start = keys::block_key(self.group, block, at);
-        let mut it = self.store.db().iterator_cf_opt(
-            &cf,
-            self.prefix_read_opts(block),
-            IteratorMode::From(&start, Direction::Forward),
-        );
-        match it.next() {
-            None => Ok(None),
-            Some(Err(e)) => Err(BlockReadError::Store(e.into())),
-            Some(Ok((k, v))) => match keys::parse_block_key(&k) {
-                Some((g, b, version)) if g == self.group && b == block => match decode_value(&v) {
-                    Some(s) => Ok(Some((version, s))),
-                    None => Err(BlockReadError::Checksum { block, version }),
-                },
-                _ => Ok(None),
-            },
-        }
+        version_at(&self.block_cursor(block, &keys::block_key(self.group, block, at))?, self.group, block)
     }
 
     /// The exact stored version, verified (for repairs of other replicas).
@@ -403,6 +378,35 @@ pub struct EntryWriter<'a> {
     pub space: SpaceDelta,
 }
 
+/// The chain of `block` (versions newest first, with whether each is a zero
+/// marker) from an iterator positioned at its first stored version.
+fn chain_at(it: &mut DBRawIterator<'_>, group: GroupId, block: u64) -> Result<Vec<(u64, bool)>, StoreError> {
+    let mut out = Vec::new();
+    while let (Some(k), Some(v)) = (it.key(), it.value()) {
+        match keys::parse_block_key(k) {
+            Some((g, b, version)) if g == group && b == block => out.push((version, v.is_empty())),
+            _ => break,
+        }
+        it.next();
+    }
+    it.status()?;
+    Ok(out)
+}
+
+/// The version of `block` an iterator is positioned at, verified; `None`
+/// when it points past the block.
+fn version_at(it: &DBRawIterator<'_>, group: GroupId, block: u64) -> Result<Option<(u64, Stored)>, BlockReadError> {
+    if let (Some(k), Some(v)) = (it.key(), it.value()) {
+        if let Some((g, b, version)) = keys::parse_block_key(k) {
+            if g == group && b == block {
+                return decode_value(v).map(|s| Some((version, s))).ok_or(BlockReadError::Checksum { block, version });
+            }
+        }
+    }
+    it.status().map_err(StoreError::from)?;
+    Ok(None)
+}
+
 /// What a partial write needs but could not read: the block's current
 /// version is corrupt locally. The caller repairs it and retries the entry.
 #[derive(Debug, thiserror::Error)]
@@ -478,17 +482,7 @@ impl<'a> EntryWriter<'a> {
     /// marker (what [`BlockStore::versions`] returns, through the cursor).
     fn stored_chain(&mut self, block: u64) -> Result<Vec<(u64, bool)>, StoreError> {
         let group = self.blocks.group;
-        let it = self.seek(block)?;
-        let mut out = Vec::new();
-        while let (Some(k), Some(v)) = (it.key(), it.value()) {
-            match keys::parse_block_key(k) {
-                Some((g, b, version)) if g == group && b == block => out.push((version, v.is_empty())),
-                _ => break,
-            }
-            it.next();
-        }
-        it.status()?;
-        Ok(out)
+        chain_at(self.seek(block)?, group, block)
     }
 
     /// Current content of a block as seen by this entry.
@@ -497,16 +491,12 @@ impl<'a> EntryWriter<'a> {
             return Ok(s.clone());
         }
         let group = self.blocks.group;
-        let it = self.seek(block)?;
-        if let (Some(k), Some(v)) = (it.key(), it.value()) {
-            if let Some((g, b, version)) = keys::parse_block_key(k) {
-                if g == group && b == block {
-                    return decode_value(v).ok_or_else(|| NeedsRepair { block, version }.into());
-                }
-            }
+        match version_at(self.seek(block)?, group, block) {
+            Ok(None) => Ok(Stored::Zero),
+            Ok(Some((_, s))) => Ok(s),
+            Err(BlockReadError::Store(e)) => Err(e.into()),
+            Err(BlockReadError::Checksum { block, version }) => Err(NeedsRepair { block, version }.into()),
         }
-        it.status().map_err(StoreError::from)?;
-        Ok(Stored::Zero)
     }
 
     /// Sets the content of `block` at this entry's version and collects the
