@@ -299,6 +299,9 @@ async fn fio_verify_passes_through_a_leader_kill() {
         "--end_fsync=1",
         "--output-format=terse",
     ]);
+    // fio saves its verify state (`local-verify-0-verify.state`) in its
+    // working directory: the cluster's temporary one, not the source tree.
+    cmd.current_dir(cluster.path());
     let fio = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn fio");
     tokio::time::sleep(Duration::from_secs(3)).await;
     let leader = cluster.leader_index(name).await;
