@@ -135,7 +135,11 @@ fn fio(uri: &str, extra: &[&str]) -> std::process::Output {
         "--output-format=normal",
     ];
     args.extend_from_slice(extra);
-    tools::try_run("fio", &args)
+    // fio saves its verify state (`local-volumed-0-verify.state`) in its
+    // working directory: a temporary one, not the source tree.
+    let mut cmd = std::process::Command::new("fio");
+    volumed_tests::cluster::clean_env(&mut cmd).args(&args).current_dir(std::env::temp_dir());
+    cmd.output().unwrap_or_else(|e| panic!("cannot run fio: {e}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
