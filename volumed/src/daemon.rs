@@ -55,6 +55,13 @@ pub async fn run(config: NodeConfig) -> Result<(), DaemonError> {
         let grpc = Server::builder()
             .tcp_nodelay(true)
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
+            // The receiving side's windows bound how much of an AppendEntries
+            // (up to 8 entries of 1 MiB) or a snapshot stream is in flight
+            // before the sender waits for a WINDOW_UPDATE; hyper's default
+            // is 1 MiB per connection. Same sizes as the client side
+            // (raft::network::peer_endpoint).
+            .initial_stream_window_size(Some(8 << 20))
+            .initial_connection_window_size(Some(32 << 20))
             .add_service(health_service)
             .add_service(
                 RaftTransportServer::new(TransportService::new(node.clone()))

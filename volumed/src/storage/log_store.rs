@@ -9,10 +9,11 @@
 //! overtake a pending fsync: once a group has a sync queued, its later
 //! completions queue behind it.
 
+use std::collections::VecDeque;
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use openraft::storage::{LogFlushed, RaftLogStorage};
 use openraft::{
@@ -24,7 +25,7 @@ use super::keys::{self, GroupId, RaftStateTag, CF_RAFT_LOG, CF_RAFT_STATE};
 use super::{decode, encode, Store};
 
 /// What every Raft group type of volumed has in common.
-pub trait GroupTypeConfig: RaftTypeConfig<NodeId = u64, Node = BasicNode, Entry = Entry<Self>> {
+pub trait GroupTypeConfig: RaftTypeConfig<NodeId = u64, Node = BasicNode, Entry = Entry<Self>, D: Clone> {
     /// Whether appending this entry must fsync before it counts as stored.
     fn entry_needs_sync(entry: &Entry<Self>) -> bool;
 }
@@ -35,25 +36,143 @@ pub(crate) fn io_err(e: impl std::fmt::Display) -> AnyError {
     AnyError::error(e.to_string())
 }
 
-/// Log storage of one group. Cheap to clone: clones share the database and
-/// the group's pending-sync counter.
+/// Log storage of one group. Cheap to clone: clones share the database,
+/// the group's pending-sync counter and its entry cache.
 pub struct LogStore<C: GroupTypeConfig> {
     store: Arc<Store>,
     group: GroupId,
     /// Completions queued behind the syncer and not yet run.
     queued: Arc<AtomicU64>,
-    _c: std::marker::PhantomData<C>,
+    cache: Option<EntryCache<C>>,
 }
 
 impl<C: GroupTypeConfig> Clone for LogStore<C> {
     fn clone(&self) -> Self {
-        LogStore { store: self.store.clone(), group: self.group, queued: self.queued.clone(), _c: Default::default() }
+        LogStore {
+            store: self.store.clone(),
+            group: self.group,
+            queued: self.queued.clone(),
+            cache: self.cache.clone(),
+        }
+    }
+}
+
+/// Entries appended and not yet applied, kept as appended. openraft reads
+/// every entry back from the log storage twice right after appending it —
+/// to apply it, and on a leader to send it to each follower — and reading a
+/// 1 MiB entry back from RocksDB and decoding it copies it twice more on
+/// Raft's own task. A clone here shares the entry's data (`Bytes`).
+///
+/// The cache holds one contiguous run of indexes; the state machine drops
+/// what it applied ([`EntryCache::release_through`]), so an idle group
+/// holds nothing. A read it cannot serve whole goes to RocksDB.
+pub struct EntryCache<C: GroupTypeConfig> {
+    inner: Arc<Mutex<CachedRun<C>>>,
+    max_bytes: usize,
+}
+
+impl<C: GroupTypeConfig> Clone for EntryCache<C> {
+    fn clone(&self) -> Self {
+        EntryCache { inner: self.inner.clone(), max_bytes: self.max_bytes }
+    }
+}
+
+struct CachedRun<C: GroupTypeConfig> {
+    /// Index of `entries[0]`.
+    first: u64,
+    entries: VecDeque<(C::Entry, usize)>,
+    bytes: usize,
+}
+
+impl<C: GroupTypeConfig> EntryCache<C> {
+    /// A cache that holds at most `max_bytes` of encoded entries (the oldest
+    /// go first: a state machine that far behind reads from RocksDB).
+    pub fn new(max_bytes: usize) -> Self {
+        EntryCache {
+            inner: Arc::new(Mutex::new(CachedRun { first: 0, entries: VecDeque::new(), bytes: 0 })),
+            max_bytes,
+        }
+    }
+
+    fn run(&self) -> std::sync::MutexGuard<'_, CachedRun<C>> {
+        // Every update leaves the run consistent before it can panic.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn push(&self, index: u64, entry: C::Entry, weight: usize) {
+        let mut run = self.run();
+        let next = run.first + run.entries.len() as u64;
+        if run.entries.is_empty() || index > next {
+            run.entries.clear();
+            run.bytes = 0;
+            run.first = index;
+        } else if index < next {
+            // Re-appended after a conflict: what follows is stale.
+            run.cut_from(index);
+        }
+        run.entries.push_back((entry, weight));
+        run.bytes += weight;
+        while run.bytes > self.max_bytes {
+            run.pop_front();
+        }
+    }
+
+    /// Drops the entries at or below `index` (applied or purged).
+    pub fn release_through(&self, index: u64) {
+        let mut run = self.run();
+        while !run.entries.is_empty() && run.first <= index {
+            run.pop_front();
+        }
+    }
+
+    fn truncate_from(&self, index: u64) {
+        self.run().cut_from(index);
+    }
+
+    /// Entries `start..end`, if all are cached.
+    fn get(&self, start: u64, end: u64) -> Option<Vec<C::Entry>> {
+        let run = self.run();
+        let last = run.first + run.entries.len() as u64;
+        if start >= end || start < run.first || end > last {
+            return None;
+        }
+        let from = (start - run.first) as usize;
+        Some(run.entries.range(from..from + (end - start) as usize).map(|(e, _)| e.clone()).collect())
+    }
+
+    #[cfg(test)]
+    fn cached(&self) -> (u64, usize) {
+        let run = self.run();
+        (run.first, run.entries.len())
+    }
+}
+
+impl<C: GroupTypeConfig> CachedRun<C> {
+    fn pop_front(&mut self) {
+        if let Some((_, w)) = self.entries.pop_front() {
+            self.bytes -= w;
+            self.first += 1;
+        }
+    }
+
+    fn cut_from(&mut self, index: u64) {
+        let keep = index.saturating_sub(self.first) as usize;
+        while self.entries.len() > keep {
+            if let Some((_, w)) = self.entries.pop_back() {
+                self.bytes -= w;
+            }
+        }
     }
 }
 
 impl<C: GroupTypeConfig> LogStore<C> {
     pub fn new(store: Arc<Store>, group: GroupId) -> Self {
-        LogStore { store, group, queued: Arc::new(AtomicU64::new(0)), _c: Default::default() }
+        LogStore { store, group, queued: Arc::new(AtomicU64::new(0)), cache: None }
+    }
+
+    /// A log store that keeps appended entries in `cache` until applied.
+    pub fn with_cache(store: Arc<Store>, group: GroupId, cache: EntryCache<C>) -> Self {
+        LogStore { cache: Some(cache), ..Self::new(store, group) }
     }
 
     #[allow(clippy::result_large_err)] // openraft's own error type, as its traits return it
@@ -109,6 +228,11 @@ impl<C: GroupTypeConfig> RaftLogReader<C> for LogStore<C> {
             Bound::Excluded(i) => Some(*i),
             Bound::Unbounded => None,
         };
+        if let (Some(cache), Some(end)) = (&self.cache, end) {
+            if let Some(entries) = cache.get(start, end) {
+                return Ok(entries);
+            }
+        }
         let cf = self.store.cf(CF_RAFT_LOG).map_err(|e| StorageIOError::read_logs(io_err(e)))?;
         let from = keys::log_key(self.group, start);
         let it = self.store.db().iterator_cf(&cf, IteratorMode::From(&from, Direction::Forward));
@@ -181,12 +305,22 @@ impl<C: GroupTypeConfig> RaftLogStorage<C> for LogStore<C> {
         let cf = self.store.cf(CF_RAFT_LOG).map_err(|e| StorageIOError::write_logs(io_err(e)))?;
         let mut batch = WriteBatch::default();
         let mut needs_sync = false;
+        let mut appended = Vec::new();
         for entry in entries {
             needs_sync |= C::entry_needs_sync(&entry);
             let bytes = encode(&entry).map_err(|e| StorageIOError::write_log_entry(entry.log_id, io_err(e)))?;
-            batch.put_cf(&cf, keys::log_key(self.group, entry.log_id.index), bytes);
+            batch.put_cf(&cf, keys::log_key(self.group, entry.log_id.index), &bytes);
+            if self.cache.is_some() {
+                appended.push((entry, bytes.len()));
+            }
         }
         self.store.write(batch).map_err(|e| StorageIOError::write_logs(io_err(e)))?;
+        if let Some(cache) = &self.cache {
+            // Readable as soon as written, like the database itself.
+            for (entry, weight) in appended {
+                cache.push(entry.log_id.index, entry, weight);
+            }
+        }
 
         if !needs_sync && self.queued.load(Ordering::Acquire) == 0 {
             callback.log_io_completed(Ok(()));
@@ -211,6 +345,9 @@ impl<C: GroupTypeConfig> RaftLogStorage<C> for LogStore<C> {
         // u64::MAX itself is never a real index, but delete it for completeness.
         batch.delete_cf(&cf, keys::log_key(self.group, u64::MAX));
         self.store.write_sync(batch).map_err(|e| StorageIOError::write_logs(io_err(e)))?;
+        if let Some(cache) = &self.cache {
+            cache.truncate_from(log_id.index);
+        }
         Ok(())
     }
 
@@ -228,6 +365,65 @@ impl<C: GroupTypeConfig> RaftLogStorage<C> for LogStore<C> {
         );
         batch.delete_range_cf(&log_cf, keys::log_key(self.group, 0), keys::log_key(self.group, log_id.index + 1));
         self.store.write(batch).map_err(|e| StorageIOError::write_logs(io_err(e)))?;
+        if let Some(cache) = &self.cache {
+            cache.release_through(log_id.index);
+        }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::volume::command::{VolumeCommand, VolumeTc};
+    use openraft::{CommittedLeaderId, EntryPayload};
+
+    fn entry(index: u64, term: u64) -> Entry<VolumeTc> {
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(term, 1), index),
+            payload: EntryPayload::Normal(VolumeCommand::Flush),
+        }
+    }
+
+    fn terms(entries: Option<Vec<Entry<VolumeTc>>>) -> Option<Vec<(u64, u64)>> {
+        entries.map(|v| v.iter().map(|e| (e.log_id.index, e.log_id.leader_id.term)).collect())
+    }
+
+    #[test]
+    fn cache_serves_whole_runs_only_and_follows_truncate_and_release() {
+        let cache = EntryCache::<VolumeTc>::new(100);
+        for i in 5..10 {
+            cache.push(i, entry(i, 1), 10);
+        }
+        assert_eq!(terms(cache.get(6, 9)), Some(vec![(6, 1), (7, 1), (8, 1)]));
+        assert_eq!(cache.get(4, 6).map(|v| v.len()), None, "index 4 was never cached");
+        assert_eq!(cache.get(8, 11).map(|v| v.len()), None, "index 10 does not exist");
+        // A new leader overwrites 7..: the old 7, 8, 9 must never be served.
+        cache.truncate_from(7);
+        cache.push(7, entry(7, 2), 10);
+        assert_eq!(terms(cache.get(5, 8)), Some(vec![(5, 1), (6, 1), (7, 2)]));
+        assert_eq!(cache.get(8, 9).map(|v| v.len()), None);
+        // Re-appending an index without a truncate first also drops the rest.
+        cache.push(6, entry(6, 3), 10);
+        assert_eq!(terms(cache.get(5, 7)), Some(vec![(5, 1), (6, 3)]));
+        assert_eq!(cache.cached(), (5, 2));
+        cache.release_through(5);
+        assert_eq!(cache.cached(), (6, 1));
+        // A gap restarts the run.
+        cache.push(20, entry(20, 3), 10);
+        assert_eq!(cache.cached(), (20, 1));
+        cache.release_through(30);
+        assert_eq!(cache.cached().1, 0);
+    }
+
+    #[test]
+    fn cache_drops_oldest_over_its_budget() {
+        let cache = EntryCache::<VolumeTc>::new(25);
+        for i in 1..=4 {
+            cache.push(i, entry(i, 1), 10);
+        }
+        assert_eq!(cache.cached(), (3, 2));
+        assert_eq!(cache.get(2, 4).map(|v| v.len()), None);
+        assert_eq!(cache.get(3, 5).map(|v| v.len()), Some(2));
     }
 }

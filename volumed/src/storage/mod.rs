@@ -101,7 +101,10 @@ impl Store {
         // data); flushing every column family together keeps what reaches
         // disk a consistent cut of every group's state machine.
         opts.set_atomic_flush(true);
-        let cache = Cache::new_lru_cache(256 << 20);
+        // HyperClockCache (charge estimated automatically): lookups without
+        // the LRU cache's shard mutex and hash-chain walk, which took 5% of
+        // a volume leader's CPU under sequential writes.
+        let cache = Cache::new_hyper_clock_cache(256 << 20, 0);
 
         let mut table = BlockBasedOptions::default();
         table.set_block_cache(&cache);

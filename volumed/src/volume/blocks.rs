@@ -122,7 +122,7 @@ impl BlockStore {
 
     /// Versions of `block`, newest first, with whether each is a zero marker.
     pub fn versions(&self, block: u64) -> Result<Vec<(u64, bool)>, StoreError> {
-        chain_at(&mut self.block_cursor(block, &keys::block_prefix(self.group, block))?, self.group, block)
+        chain_at(&mut self.block_cursor(block, &keys::block_prefix(self.group, block))?, self.group, block, usize::MAX)
     }
 
     /// The newest version of `block` at or below `at` (u64::MAX = current).
@@ -363,8 +363,9 @@ pub struct EntryWriter<'a> {
     /// Blocks from here on are left to a running sweep to count.
     count_below: u64,
     batch: WriteBatch,
-    /// Content written by this entry so far.
-    overlay: HashMap<u64, Stored>,
+    /// Content written by this entry so far, as stored (`crc ‖ data`;
+    /// `None` for zeros), so a block is copied once on its way to the batch.
+    overlay: HashMap<u64, Option<Vec<u8>>>,
     /// Chains of the blocks this entry touched, as staged.
     chains: HashMap<u64, Vec<(u64, bool)>>,
     /// One iterator for every lookup of the entry, re-seeked per block:
@@ -372,6 +373,9 @@ pub struct EntryWriter<'a> {
     /// write looks up 256 blocks. It reads the database as of the entry's
     /// first lookup; what the entry itself wrote is in `overlay`/`chains`.
     cursor: Option<DBRawIterator<'a>>,
+    /// Set by [`Self::newest_only`]: lookups read a block's newest version
+    /// and nothing behind it.
+    newest_only: bool,
     /// Change in the number of blocks whose current content is non-zero.
     pub live_delta: i64,
     /// Change in the space counters of blocks below `count_below`.
@@ -380,12 +384,21 @@ pub struct EntryWriter<'a> {
 
 /// The chain of `block` (versions newest first, with whether each is a zero
 /// marker) from an iterator positioned at its first stored version.
-fn chain_at(it: &mut DBRawIterator<'_>, group: GroupId, block: u64) -> Result<Vec<(u64, bool)>, StoreError> {
+/// At most `limit` versions are read.
+fn chain_at(
+    it: &mut DBRawIterator<'_>,
+    group: GroupId,
+    block: u64,
+    limit: usize,
+) -> Result<Vec<(u64, bool)>, StoreError> {
     let mut out = Vec::new();
     while let (Some(k), Some(v)) = (it.key(), it.value()) {
         match keys::parse_block_key(k) {
             Some((g, b, version)) if g == group && b == block => out.push((version, v.is_empty())),
             _ => break,
+        }
+        if out.len() >= limit {
+            break;
         }
         it.next();
     }
@@ -448,9 +461,22 @@ impl<'a> EntryWriter<'a> {
             overlay: HashMap::new(),
             chains: HashMap::new(),
             cursor: None,
+            newest_only: false,
             live_delta: 0,
             space: SpaceDelta::default(),
         }
+    }
+
+    /// The caller knows no block has a stored version older than its
+    /// newest that anything needs: no pins, no sweep pending and no held
+    /// data versions (`space`). Lookups then stop at the newest version.
+    /// Stepping past it to the end of the chain read the next block's data
+    /// too and was half the cost of a write's lookup; what it would have
+    /// found is at most a zero marker a released Raft-snapshot pin left
+    /// behind, which reads as nothing and holds no data.
+    pub fn newest_only(mut self) -> Self {
+        self.newest_only = true;
+        self
     }
 
     pub fn into_batch(self) -> WriteBatch {
@@ -482,13 +508,17 @@ impl<'a> EntryWriter<'a> {
     /// marker (what [`BlockStore::versions`] returns, through the cursor).
     fn stored_chain(&mut self, block: u64) -> Result<Vec<(u64, bool)>, StoreError> {
         let group = self.blocks.group;
-        chain_at(self.seek(block)?, group, block)
+        let limit = if self.newest_only { 1 } else { usize::MAX };
+        chain_at(self.seek(block)?, group, block, limit)
     }
 
     /// Current content of a block as seen by this entry.
     pub fn current(&mut self, block: u64) -> Result<Stored, ApplyError> {
-        if let Some(s) = self.overlay.get(&block) {
-            return Ok(s.clone());
+        if let Some(staged) = self.overlay.get(&block) {
+            return Ok(match staged {
+                Some(value) => Stored::Data(value[4..].to_vec()),
+                None => Stored::Zero,
+            });
         }
         let group = self.blocks.group;
         match version_at(self.seek(block)?, group, block) {
@@ -502,9 +532,18 @@ impl<'a> EntryWriter<'a> {
     /// Sets the content of `block` at this entry's version and collects the
     /// versions no pin needs any more.
     pub fn put_block(&mut self, block: u64, content: Stored) -> Result<(), ApplyError> {
+        let value = match &content {
+            Stored::Data(d) => Some(encode_value(d)),
+            Stored::Zero => None,
+        };
+        self.put_value(block, value)
+    }
+
+    /// [`Self::put_block`] with the content already in stored form.
+    fn put_value(&mut self, block: u64, value: Option<Vec<u8>>) -> Result<(), ApplyError> {
         let cf = self.blocks.store.cf(CF_BLOCKS)?;
         let group = self.blocks.group;
-        let new_zero = content.is_zero();
+        let new_zero = value.is_none();
         let before = match self.chains.remove(&block) {
             Some(c) => c,
             None => self.stored_chain(block)?,
@@ -524,17 +563,17 @@ impl<'a> EntryWriter<'a> {
         }
         let key = keys::block_key(group, block, self.version);
         let mut after = Vec::with_capacity(kept.len() + 1);
-        match &content {
-            Stored::Data(d) => {
-                self.batch.put_cf(&cf, key, encode_value(d));
+        match &value {
+            Some(v) => {
+                self.batch.put_cf(&cf, key, v);
                 after.push((self.version, false));
             }
             // A zero marker is needed only to hide an older, pinned version.
-            Stored::Zero if !kept.is_empty() => {
+            None if !kept.is_empty() => {
                 self.batch.put_cf(&cf, key, Vec::new());
                 after.push((self.version, true));
             }
-            Stored::Zero => self.batch.delete_cf(&cf, key),
+            None => self.batch.delete_cf(&cf, key),
         }
         after.extend(kept);
         if block < self.count_below {
@@ -547,7 +586,7 @@ impl<'a> EntryWriter<'a> {
             (false, true) => -1,
             _ => 0,
         };
-        self.overlay.insert(block, content);
+        self.overlay.insert(block, value);
         Ok(())
     }
 
@@ -560,25 +599,17 @@ impl<'a> EntryWriter<'a> {
             let in_block = (abs % BLOCK_SIZE) as usize;
             let n = (BS - in_block).min(data.len() - pos);
             let chunk = &data[pos..pos + n];
-            let content = if n == BS {
-                if all_zero(chunk) {
-                    Stored::Zero
-                } else {
-                    Stored::Data(chunk.to_vec())
-                }
+            let value = if n == BS {
+                (!all_zero(chunk)).then(|| encode_value(chunk))
             } else {
                 let mut buf = match self.current(block)? {
                     Stored::Zero => vec![0u8; BS],
                     Stored::Data(d) => d,
                 };
                 buf[in_block..in_block + n].copy_from_slice(chunk);
-                if all_zero(&buf) {
-                    Stored::Zero
-                } else {
-                    Stored::Data(buf)
-                }
+                (!all_zero(&buf)).then(|| encode_value(&buf))
             };
-            self.put_block(block, content)?;
+            self.put_value(block, value)?;
             pos += n;
         }
         Ok(())
@@ -782,6 +813,48 @@ mod tests {
         })
         .unwrap();
         assert_eq!(seen, vec![(0, Stored::Data(vec![2u8; BS])), (7, Stored::Data(vec![2u8; BS]))]);
+    }
+
+    #[test]
+    fn newest_only_lookups_store_what_full_lookups_store() {
+        // The same entries through both kinds of writer, with no pins: every
+        // chain stays one version long, so stopping at the newest version
+        // must change nothing — data, versions kept, live-block counts.
+        let (_d1, full) = setup();
+        let (_d2, newest) = setup();
+        let pins = Pins::new();
+        // (version, [(offset, data)])
+        type Writes = Vec<(u64, Vec<u8>)>;
+        let entries: Vec<(u64, Writes)> = vec![
+            (1, vec![(0, vec![1u8; 3 * BS]), (10 * 4096, vec![2u8; BS])]),
+            (2, vec![(4096 + 7, b"partial".to_vec()), (0, vec![0u8; BS])]),
+            (3, vec![(2 * 4096, vec![3u8; 2 * BS]), (10 * 4096 + 100, vec![0u8; 50])]),
+            (4, vec![(4096, vec![0u8; BS]), (4096, vec![4u8; BS])]),
+        ];
+        for (version, writes) in &entries {
+            let mut deltas = Vec::new();
+            for (bs, newest_only) in [(&full, false), (&newest, true)] {
+                let mut w = EntryWriter::new(bs, *version, &pins);
+                if newest_only {
+                    w = w.newest_only();
+                }
+                for (offset, data) in writes {
+                    w.write(*offset, data).unwrap();
+                }
+                if *version == 3 {
+                    w.zero(11 * 4096, 4096).unwrap();
+                }
+                deltas.push(w.live_delta);
+                bs.store().write(w.into_batch()).unwrap();
+            }
+            assert_eq!(deltas[0], deltas[1], "entry {version}");
+        }
+        for block in 0..12 {
+            assert_eq!(full.versions(block).unwrap(), newest.versions(block).unwrap(), "block {block}");
+            assert_eq!(read(&full, block, u64::MAX), read(&newest, block, u64::MAX), "block {block}");
+            assert!(newest.versions(block).unwrap().len() <= 1);
+        }
+        assert_eq!(&read(&newest, 1, u64::MAX)[..], &[4u8; BS][..]);
     }
 
     #[test]

@@ -35,7 +35,7 @@ use super::state_machine::{lock, BlockFetcher, ReplicaCounters, SmShared, Volume
 use crate::raft::network::{GroupNetworkFactory, LeaderAcks, PeerPool};
 use crate::raft::{role_of, volume_config, Role, VOLUME_READ_LEASE};
 use crate::storage::keys::GroupId;
-use crate::storage::log_store::{LogStore, NodeId};
+use crate::storage::log_store::{EntryCache, LogStore, NodeId};
 use crate::storage::Store;
 
 /// Largest NBD request we accept (the NBD server enforces the same).
@@ -45,6 +45,10 @@ pub const MAX_IO: u32 = 32 << 20;
 /// pipeline full; fewer makes each entry carry more requests.
 const MAX_PROPOSALS_IN_FLIGHT: usize = 2;
 const MAX_OPS_PER_ENTRY: usize = 256;
+/// Appended-but-unapplied entries a replica keeps decoded in memory (see
+/// `EntryCache`): a few entries in flight is the usual lag; more than this
+/// means the state machine is stuck and RocksDB serves the reads.
+const LOG_CACHE_BYTES: usize = 16 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReplicaError {
@@ -267,9 +271,16 @@ impl VolumeReplica {
             pool: ctx.pool.clone(),
             shared: shared_slot.clone(),
         });
-        let (sm, shared, size) =
-            VolumeStateMachine::open(ctx.store.clone(), id, ctx.snap_dir.clone(), fetcher, counters.clone())
-                .map_err(|e| ReplicaError::Storage { volume: id, detail: e.to_string() })?;
+        let log_cache = EntryCache::new(LOG_CACHE_BYTES);
+        let (sm, shared, size) = VolumeStateMachine::open(
+            ctx.store.clone(),
+            id,
+            ctx.snap_dir.clone(),
+            fetcher,
+            counters.clone(),
+            log_cache.clone(),
+        )
+        .map_err(|e| ReplicaError::Storage { volume: id, detail: e.to_string() })?;
         if let Ok(mut slot) = shared_slot.lock() {
             *slot = Some(shared.clone());
         }
@@ -285,7 +296,7 @@ impl VolumeReplica {
         let acks = network.acks();
         let config =
             volume_config(&id.to_string()).map_err(|e| ReplicaError::Raft { volume: id, detail: e.to_string() })?;
-        let log = LogStore::<VolumeTc>::new(ctx.store.clone(), id);
+        let log = LogStore::<VolumeTc>::with_cache(ctx.store.clone(), id, log_cache);
         let raft = Raft::new(ctx.node_id, config, network, log, sm)
             .await
             .map_err(|e| ReplicaError::Raft { volume: id, detail: e.to_string() })?;

@@ -29,7 +29,7 @@ use super::command::{Hydration, IoKind, OpResult, UserSnapshot, VolumeCommand, V
 use super::snapshot::{self, StreamPin, VolumeSnapshotData};
 use super::space::LocalSpace;
 use crate::storage::keys::{self, GroupId, SmTag, CF_SM};
-use crate::storage::log_store::{io_err, NodeId};
+use crate::storage::log_store::{io_err, EntryCache, NodeId};
 use crate::storage::{decode, encode, Store, StoreError};
 
 /// Replicated metadata of a volume (part of every snapshot).
@@ -144,6 +144,8 @@ pub struct VolumeStateMachine {
     fetcher: Arc<dyn BlockFetcher>,
     counters: Arc<ReplicaCounters>,
     snap_dir: PathBuf,
+    /// The log's cache of entries not yet applied (see `EntryCache`).
+    log_cache: EntryCache<VolumeTc>,
 }
 
 pub(crate) fn lock(shared: &Mutex<SmShared>) -> MutexGuard<'_, SmShared> {
@@ -165,6 +167,7 @@ impl VolumeStateMachine {
         snap_dir: PathBuf,
         fetcher: Arc<dyn BlockFetcher>,
         counters: Arc<ReplicaCounters>,
+        log_cache: EntryCache<VolumeTc>,
     ) -> Result<OpenedStateMachine, StoreError> {
         let blocks = BlockStore::new(store.clone(), group);
         let cf = store.cf(CF_SM)?;
@@ -193,7 +196,15 @@ impl VolumeStateMachine {
             sweep_wake: Arc::new(Notify::new()),
             stopped: false,
         }));
-        let sm = VolumeStateMachine { blocks, shared: shared.clone(), size: size.clone(), fetcher, counters, snap_dir };
+        let sm = VolumeStateMachine {
+            blocks,
+            shared: shared.clone(),
+            size: size.clone(),
+            fetcher,
+            counters,
+            snap_dir,
+            log_cache,
+        };
         Ok((sm, shared, size))
     }
 
@@ -204,8 +215,17 @@ impl VolumeStateMachine {
         let pins = shared.pins();
         let user_pins = shared.meta.snapshot_pins.clone();
         let version = entry.log_id.index;
-        let mut writer =
-            EntryWriter::with_accounting(&self.blocks, version, &pins, &user_pins, shared.space.count_below());
+        let new_writer = || {
+            let w = EntryWriter::with_accounting(&self.blocks, version, &pins, &user_pins, shared.space.count_below());
+            // Every chain is a single version unless a pin, a sweep or a
+            // held version says otherwise (see EntryWriter::newest_only).
+            if pins.is_empty() && shared.space.sweep.is_none() && shared.space.counters.held == 0 {
+                w.newest_only()
+            } else {
+                w
+            }
+        };
+        let mut writer = new_writer();
         let mut meta = shared.meta.clone();
         let mut space = shared.space.clone();
         let mut sweep_started = false;
@@ -324,7 +344,7 @@ impl VolumeStateMachine {
         }
         if resp.refused.is_some() && matches!(&entry.payload, EntryPayload::Normal(VolumeCommand::Hydrate { .. })) {
             // Nothing of a refused chunk may stay staged.
-            writer = EntryWriter::with_accounting(&self.blocks, version, &pins, &user_pins, shared.space.count_below());
+            writer = new_writer();
         }
         meta.live_blocks = meta.live_blocks.saturating_add_signed(writer.live_delta);
         space.apply(&writer.space);
@@ -483,6 +503,7 @@ impl RaftStateMachine<VolumeTc> for VolumeStateMachine {
                     }
                 }
             };
+            self.log_cache.release_through(entry.log_id.index);
             out.push(resp);
         }
         Ok(out)
