@@ -404,17 +404,13 @@ impl VolumeReplica {
         let first = offset / BLOCK_SIZE;
         let last = (end - 1) / BLOCK_SIZE;
         let count = last - first + 1;
-        let blocks = self.blocks.clone();
-        let found = blocks.read_range(first, count).map_err(|e| BlockError::Io(e.to_string()))?;
         let mut buf = BytesMut::zeroed((count as usize) * BS);
-        for (i, slot) in found.into_iter().enumerate() {
-            let content = match slot {
-                Ok(None) => continue,
-                Ok(Some((_, s))) => s,
-                Err(version) => self.repair_for_read(first + i as u64, version).await?,
-            };
-            if let Stored::Data(d) = content {
-                buf[i * BS..(i + 1) * BS].copy_from_slice(&d);
+        let corrupt = self.blocks.read_range_into(first, count, &mut buf).map_err(|e| BlockError::Io(e.to_string()))?;
+        for (block, version) in corrupt {
+            if let Stored::Data(d) = self.repair_for_read(block, version).await? {
+                let slot = (block - first) as usize * BS;
+                let n = d.len().min(BS);
+                buf[slot..slot + n].copy_from_slice(&d[..n]);
             }
         }
         let start = (offset - first * BLOCK_SIZE) as usize;
