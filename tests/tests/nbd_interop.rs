@@ -119,7 +119,7 @@ async fn nbdcopy_and_qemu_img_roundtrip_through_followers() {
     assert_eq!(out.status.code(), Some(1), "qemu-img compare must report the difference: {out:?}");
 }
 
-fn fio(uri: &str, extra: &[&str]) -> std::process::Output {
+fn fio(uri: &str, extra: &[&str], workdir: &std::path::Path) -> std::process::Output {
     let uri_arg = format!("--uri={uri}");
     let mut args = vec![
         "--name=volumed",
@@ -136,9 +136,9 @@ fn fio(uri: &str, extra: &[&str]) -> std::process::Output {
     ];
     args.extend_from_slice(extra);
     // fio saves its verify state (`local-volumed-0-verify.state`) in its
-    // working directory: a temporary one, not the source tree.
+    // working directory: the test's own temporary one, removed after it.
     let mut cmd = std::process::Command::new("fio");
-    volumed_tests::cluster::clean_env(&mut cmd).args(&args).current_dir(std::env::temp_dir());
+    volumed_tests::cluster::clean_env(&mut cmd).args(&args).current_dir(workdir);
     cmd.output().unwrap_or_else(|e| panic!("cannot run fio: {e}"))
 }
 
@@ -152,7 +152,8 @@ async fn fio_randwrite_with_crc32c_verify_then_a_verify_pass_elsewhere() {
     let leader = cluster.leader_index(&v.id).await;
     let follower = follower_of(&cluster, &v).await;
 
-    let out = fio(&cluster.node(leader).nbd_uri(&v.id), &[]);
+    let workdir = tempfile::tempdir().expect("temp dir for fio");
+    let out = fio(&cluster.node(leader).nbd_uri(&v.id), &[], workdir.path());
     assert!(
         out.status.success(),
         "fio write+verify failed:\n{}\n{}",
@@ -163,7 +164,7 @@ async fn fio_randwrite_with_crc32c_verify_then_a_verify_pass_elsewhere() {
     println!("{}", text.lines().filter(|l| l.contains("IOPS") || l.contains("verify")).collect::<Vec<_>>().join("\n"));
 
     // Read everything back through a follower and verify it again.
-    let out = fio(&cluster.node(follower).nbd_uri(&v.id), &["--verify_only"]);
+    let out = fio(&cluster.node(follower).nbd_uri(&v.id), &["--verify_only"], workdir.path());
     assert!(
         out.status.success(),
         "fio verify pass failed:\n{}\n{}",
@@ -173,7 +174,7 @@ async fn fio_randwrite_with_crc32c_verify_then_a_verify_pass_elsewhere() {
 
     // The verify pass can fail: zero 64 KiB in the middle and run it again.
     tools::run("qemu-io", &["-f", "raw", "-c", "write -z 8M 64k", &cluster.node(follower).nbd_uri(&v.id)]);
-    let out = fio(&cluster.node(follower).nbd_uri(&v.id), &["--verify_only"]);
+    let out = fio(&cluster.node(follower).nbd_uri(&v.id), &["--verify_only"], workdir.path());
     assert!(!out.status.success(), "fio must notice the zeroed range:\n{}", String::from_utf8_lossy(&out.stdout));
 }
 
