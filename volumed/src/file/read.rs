@@ -2,13 +2,13 @@
 //! (under the same read lease as block reads). Every value is checked
 //! against its CRC; a mismatch is repaired from a peer replica first.
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use super::layout::{self, Bucket, Inode, Super, ROOT_INO};
 use super::ops::{Attr, Errno};
 use crate::storage::decode;
-use crate::volume::blocks::{decode_value, BlockReadError, Stored, BS};
+use crate::volume::blocks::{decode_value, BlockReadError, Stored};
 use crate::volume::command::BLOCK_SIZE;
 use crate::volume::replica::VolumeReplica;
 
@@ -145,23 +145,7 @@ pub async fn read(r: &VolumeReplica, ino: u64, offset: u64, len: u32) -> R<Bytes
     let end = (offset + len as u64).min(i.size);
     let first = offset / BLOCK_SIZE;
     let count = (end - 1) / BLOCK_SIZE - first + 1;
-    let found =
-        r.blocks().read_range(layout::data_block(ino, first), count).map_err(|e| ReadFail::Fault(e.to_string()))?;
-    let mut buf = BytesMut::zeroed(count as usize * BS);
-    for (n, slot) in found.into_iter().enumerate() {
-        let content = match slot {
-            Ok(None) => continue,
-            Ok(Some((_, s))) => s,
-            Err(version) => r
-                .repair_for_read(layout::data_block(ino, first + n as u64), version)
-                .await
-                .map_err(|e| ReadFail::Fault(e.to_string()))?,
-        };
-        if let Stored::Data(d) = content {
-            let k = d.len().min(BS);
-            buf[n * BS..n * BS + k].copy_from_slice(&d[..k]);
-        }
-    }
+    let buf = r.read_blocks(layout::data_block(ino, first), count).await.map_err(|e| ReadFail::Fault(e.to_string()))?;
     let start = (offset - first * BLOCK_SIZE) as usize;
     Ok(buf.freeze().slice(start..start + (end - offset) as usize))
 }

@@ -99,21 +99,30 @@ impl<C: GroupTypeConfig> EntryCache<C> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    #[cfg(test)]
     fn push(&self, index: u64, entry: C::Entry, weight: usize) {
+        self.extend([(index, entry, weight)]);
+    }
+
+    /// Adds appended entries `(index, entry, encoded size)`, in order, under
+    /// one lock.
+    fn extend(&self, appended: impl IntoIterator<Item = (u64, C::Entry, usize)>) {
         let mut run = self.run();
-        let next = run.first + run.entries.len() as u64;
-        if run.entries.is_empty() || index > next {
-            run.entries.clear();
-            run.bytes = 0;
-            run.first = index;
-        } else if index < next {
-            // Re-appended after a conflict: what follows is stale.
-            run.cut_from(index);
-        }
-        run.entries.push_back((entry, weight));
-        run.bytes += weight;
-        while run.bytes > self.max_bytes {
-            run.pop_front();
+        for (index, entry, weight) in appended {
+            let next = run.first + run.entries.len() as u64;
+            if run.entries.is_empty() || index > next {
+                run.entries.clear();
+                run.bytes = 0;
+                run.first = index;
+            } else if index < next {
+                // Re-appended after a conflict: what follows is stale.
+                run.cut_from(index);
+            }
+            run.entries.push_back((entry, weight));
+            run.bytes += weight;
+            while run.bytes > self.max_bytes {
+                run.pop_front();
+            }
         }
     }
 
@@ -311,15 +320,13 @@ impl<C: GroupTypeConfig> RaftLogStorage<C> for LogStore<C> {
             let bytes = encode(&entry).map_err(|e| StorageIOError::write_log_entry(entry.log_id, io_err(e)))?;
             batch.put_cf(&cf, keys::log_key(self.group, entry.log_id.index), &bytes);
             if self.cache.is_some() {
-                appended.push((entry, bytes.len()));
+                appended.push((entry.log_id.index, entry, bytes.len()));
             }
         }
         self.store.write(batch).map_err(|e| StorageIOError::write_logs(io_err(e)))?;
         if let Some(cache) = &self.cache {
             // Readable as soon as written, like the database itself.
-            for (entry, weight) in appended {
-                cache.push(entry.log_id.index, entry, weight);
-            }
+            cache.extend(appended);
         }
 
         if !needs_sync && self.queued.load(Ordering::Acquire) == 0 {

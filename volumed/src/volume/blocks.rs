@@ -156,45 +156,16 @@ impl BlockStore {
         self.store.write(batch)
     }
 
-    /// Current content of blocks `first..first+count` in one pass: `Ok(None)`
-    /// for absent blocks; checksum failures are reported per block so the
-    /// caller can repair just those.
-    #[allow(clippy::type_complexity)]
-    pub fn read_range(&self, first: u64, count: u64) -> Result<Vec<Result<Option<(u64, Stored)>, u64>>, StoreError> {
-        let cf = self.store.cf(CF_BLOCKS)?;
-        let (start, end) = keys::block_range(self.group, first, first + count);
-        let mut ro = ReadOptions::default();
-        ro.set_iterate_upper_bound(end);
-        ro.set_total_order_seek(true);
-        let it = self.store.db().iterator_cf_opt(&cf, ro, IteratorMode::From(&start, Direction::Forward));
-        let mut out: Vec<Result<Option<(u64, Stored)>, u64>> = (0..count).map(|_| Ok(None)).collect();
-        let mut last_block = None;
-        for item in it {
-            let (k, v) = item?;
-            let Some((g, b, version)) = keys::parse_block_key(&k) else { break };
-            if g != self.group || b >= first + count {
-                break;
-            }
-            if last_block == Some(b) {
-                continue; // an older version of a block already read
-            }
-            last_block = Some(b);
-            let slot = (b - first) as usize;
-            out[slot] = match decode_value(&v) {
-                Some(s) => Ok(Some((version, s))),
-                None => Err(version),
-            };
-        }
-        Ok(out)
-    }
-
-    /// Current content of blocks `first..first+count` copied straight from
-    /// RocksDB's buffers into `out` (`count` blocks long, zeroed by the
-    /// caller: absent blocks and zero markers leave their slot alone) — one
-    /// copy per block, where `read_range` makes three. Returns the blocks
-    /// whose newest version failed its checksum, with that version; their
-    /// slots are left for the caller to fill after a repair.
-    pub fn read_range_into(&self, first: u64, count: u64, out: &mut [u8]) -> Result<Vec<(u64, u64)>, StoreError> {
+    /// Calls `visit(block, version, stored value)` with the newest stored
+    /// version of each block in `first..first+count` that has one, in
+    /// order, through one raw iterator (its key and value are borrowed,
+    /// not copied).
+    fn for_each_newest(
+        &self,
+        first: u64,
+        count: u64,
+        mut visit: impl FnMut(u64, u64, &[u8]),
+    ) -> Result<(), StoreError> {
         let end = first + count;
         let (start, stop) = keys::block_range(self.group, first, end);
         let mut ro = ReadOptions::default();
@@ -202,7 +173,6 @@ impl BlockStore {
         ro.set_total_order_seek(true);
         let mut it = self.store.db().raw_iterator_cf_opt(self.store.cf(CF_BLOCKS)?, ro);
         it.seek(&start);
-        let mut corrupt = Vec::new();
         let mut last_block = None;
         while let (Some(k), Some(v)) = (it.key(), it.value()) {
             let Some((g, b, version)) = keys::parse_block_key(k) else { break };
@@ -212,17 +182,48 @@ impl BlockStore {
             // Versions are newest first: the rest of a block's chain is older.
             if last_block != Some(b) {
                 last_block = Some(b);
-                if !v.is_empty() {
-                    let slot = (b - first) as usize * BS;
-                    match verified_data(v) {
-                        Some(data) => out[slot..slot + data.len()].copy_from_slice(data),
-                        None => corrupt.push((b, version)),
-                    }
-                }
+                visit(b, version, v);
             }
             it.next();
         }
         it.status()?;
+        Ok(())
+    }
+
+    /// Current content of blocks `first..first+count` in one pass: `Ok(None)`
+    /// for absent blocks; checksum failures are reported per block so the
+    /// caller can repair just those.
+    #[cfg(test)]
+    #[allow(clippy::type_complexity)]
+    pub fn read_range(&self, first: u64, count: u64) -> Result<Vec<Result<Option<(u64, Stored)>, u64>>, StoreError> {
+        let mut out: Vec<Result<Option<(u64, Stored)>, u64>> = (0..count).map(|_| Ok(None)).collect();
+        self.for_each_newest(first, count, |b, version, v| {
+            out[(b - first) as usize] = match decode_value(v) {
+                Some(s) => Ok(Some((version, s))),
+                None => Err(version),
+            };
+        })?;
+        Ok(out)
+    }
+
+    /// Current content of blocks `first..first+count` copied straight from
+    /// RocksDB's buffers into `out` (`count` blocks long, zeroed by the
+    /// caller: absent blocks and zero markers leave their slot alone) — one
+    /// copy per block. Returns the blocks whose newest version failed its
+    /// checksum, with that version; their slots are left for the caller to
+    /// fill after a repair.
+    pub fn read_range_into(&self, first: u64, count: u64, out: &mut [u8]) -> Result<Vec<(u64, u64)>, StoreError> {
+        let mut corrupt = Vec::new();
+        self.for_each_newest(first, count, |b, version, v| {
+            if v.is_empty() {
+                return;
+            }
+            let slot = (b - first) as usize * BS;
+            match verified_data(v) {
+                Some(data) => out[slot..slot + data.len()].copy_from_slice(data),
+                None => corrupt.push((b, version)),
+            }
+        })?;
         Ok(corrupt)
     }
 

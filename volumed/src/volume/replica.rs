@@ -403,7 +403,15 @@ impl VolumeReplica {
         }
         let first = offset / BLOCK_SIZE;
         let last = (end - 1) / BLOCK_SIZE;
-        let count = last - first + 1;
+        let buf = self.read_blocks(first, last - first + 1).await?;
+        let start = (offset - first * BLOCK_SIZE) as usize;
+        Ok(buf.freeze().slice(start..start + len as usize))
+    }
+
+    /// The current content of blocks `first..first+count` (of a block
+    /// volume, or a file volume's data blocks), verified: a block whose
+    /// checksum fails is repaired from a peer before it is returned.
+    pub(crate) async fn read_blocks(&self, first: u64, count: u64) -> Result<BytesMut, BlockError> {
         let mut buf = BytesMut::zeroed((count as usize) * BS);
         let corrupt = self.blocks.read_range_into(first, count, &mut buf).map_err(|e| BlockError::Io(e.to_string()))?;
         for (block, version) in corrupt {
@@ -413,8 +421,7 @@ impl VolumeReplica {
                 buf[slot..slot + n].copy_from_slice(&d[..n]);
             }
         }
-        let start = (offset - first * BLOCK_SIZE) as usize;
-        Ok(buf.freeze().slice(start..start + len as usize))
+        Ok(buf)
     }
 
     pub(crate) async fn repair_for_read(&self, block: u64, version: u64) -> Result<Stored, BlockError> {
