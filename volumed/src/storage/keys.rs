@@ -12,11 +12,16 @@
 //! | `raft_state`  | group ‖ tag:u8                         | vote / purged id / committed  |
 //! | `sm`          | group ‖ tag:u8 [‖ suffix]              | state-machine metadata        |
 //! | `blocks`      | group ‖ block:u64 ‖ !version:u64       | crc32:u32 ‖ 4 KiB data, or empty (zero block) |
+//! | `heads`       | group ‖ block:u64                      | newest version:u64 ‖ zero:u8  |
 //!
 //! A block's `version` is the Raft log index of the command that wrote it;
 //! storing its bitwise complement makes a forward seek find the newest
 //! version first. Snapshots are "the newest version at or below index S",
 //! which is what makes them O(1) to take (see `volume::blocks`).
+//!
+//! `heads` indexes the newest stored version of every block that has one,
+//! so a write learns what it replaces from a small record instead of
+//! loading the 4 KiB value a seek in `blocks` lands on.
 
 use uuid::Uuid;
 
@@ -24,7 +29,8 @@ pub const CF_RAFT_LOG: &str = "raft_log";
 pub const CF_RAFT_STATE: &str = "raft_state";
 pub const CF_SM: &str = "sm";
 pub const CF_BLOCKS: &str = "blocks";
-pub const COLUMN_FAMILIES: [&str; 4] = [CF_RAFT_LOG, CF_RAFT_STATE, CF_SM, CF_BLOCKS];
+pub const CF_HEADS: &str = "heads";
+pub const COLUMN_FAMILIES: [&str; 5] = [CF_RAFT_LOG, CF_RAFT_STATE, CF_SM, CF_BLOCKS, CF_HEADS];
 
 /// Length of the group-and-block prefix of a block key (the RocksDB prefix
 /// extractor length of the `blocks` column family).
@@ -88,6 +94,9 @@ pub enum SmTag {
     Catalog = 6,
     /// File-volume state (suffix: file-system key).
     File = 7,
+    /// Present once the group's `heads` index matches its blocks (absent
+    /// in data directories written before the index existed).
+    HeadsBuilt = 8,
 }
 
 fn with_group(group: GroupId, extra: usize) -> Vec<u8> {
@@ -149,6 +158,11 @@ pub fn block_prefix(group: GroupId, block: u64) -> Vec<u8> {
     let mut k = with_group(group, 8);
     k.extend_from_slice(&block.to_be_bytes());
     k
+}
+
+/// The `heads` key of one block.
+pub fn head_key(group: GroupId, block: u64) -> Vec<u8> {
+    block_prefix(group, block)
 }
 
 /// Decodes a `blocks` key into (group, block, version).

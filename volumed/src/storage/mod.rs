@@ -211,7 +211,7 @@ impl Store {
     pub fn delete_group(&self, group: GroupId) -> Result<(), StoreError> {
         let (start, end) = keys::group_range(group);
         let mut batch = WriteBatch::default();
-        for name in [CF_RAFT_LOG, CF_RAFT_STATE, CF_SM, CF_BLOCKS] {
+        for name in COLUMN_FAMILIES {
             let cf = self.cf(name)?;
             batch.delete_range_cf(&cf, &start, &end);
         }

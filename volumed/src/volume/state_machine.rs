@@ -176,6 +176,14 @@ impl VolumeStateMachine {
             warn!(volume = %group, path = %marker.path.display(), "finishing an interrupted snapshot install");
             finish_install(&blocks, &marker)?;
         }
+        if !blocks.heads_built()? {
+            // A replica from before the heads index (a new one finds
+            // nothing to index and just sets the mark).
+            let heads = blocks.rebuild_heads()?;
+            if heads > 0 {
+                info!(volume = %group, blocks = heads, "built the heads index");
+            }
+        }
         let applied: AppliedRecord = match store.db().get_cf(&cf, keys::sm_key(group, SmTag::Applied))? {
             Some(raw) => decode("applied state", &raw)?,
             None => AppliedRecord::default(),
@@ -406,6 +414,7 @@ fn finish_install(blocks: &BlockStore, marker: &InstallMarker) -> Result<(), Sto
     batch.delete_range_cf(&blocks_cf, &start, &end);
     store.write(batch)?;
     snapshot::load_file_into(blocks, &marker.path)?;
+    blocks.rebuild_heads()?;
     let sm_cf = store.cf(CF_SM)?;
     let mut batch = WriteBatch::default();
     let applied = AppliedRecord {
