@@ -14,8 +14,9 @@
 //! - `blocks`: each batch written without the WAL, every block under one
 //!   fixed key (the least a state machine can do per block);
 //! - `log`: each batch's payload appended as one Raft log entry with
-//!   the WAL, purged as volumes purge theirs (every 1024 entries, keeping
-//!   500, after flushing the memtables);
+//!   the WAL, purged as volumes purge theirs (at every snapshot of
+//!   `raft::volume_config`'s policy, keeping the entries it keeps, after
+//!   flushing the memtables);
 //! - `log+blocks`: both, on two threads (log append and apply run in
 //!   parallel in volumed as well).
 
@@ -23,25 +24,30 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
+use openraft::SnapshotPolicy;
 use rocksdb::WriteBatch;
+use volumed::raft::volume_config;
 use volumed::storage::keys::{self, GroupId, CF_BLOCKS, CF_RAFT_LOG};
 use volumed::storage::{Store, StoreError};
 use volumed::volume::blocks::encode_value;
 
 const BLOCK: usize = 4096;
 const RANGE_BLOCKS: u64 = (1 << 30) / BLOCK as u64;
-const PURGE_EVERY: u64 = 1024;
-const KEEP: u64 = 500;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
     let secs: u64 = args.next().map(|s| s.parse()).transpose()?.unwrap_or(15);
     let parent = args.next().map(std::path::PathBuf::from).unwrap_or_else(std::env::temp_dir);
+    let config = volume_config("ceiling")?;
+    let SnapshotPolicy::LogsSinceLast(every) = config.snapshot_policy else {
+        return Err("volumes no longer snapshot every N entries: update this example".into());
+    };
+    let purge = Purge { every, keep: config.max_in_snapshot_log_to_keep };
     for (pattern, per_batch) in [("seq", 256u64), ("rand", 32)] {
         for mode in ["blocks", "log", "log+blocks"] {
             let dir = tempfile::tempdir_in(&parent)?;
             let store = Store::open(dir.path())?;
-            let bytes = run(&store, mode, per_batch, Duration::from_secs(secs))?;
+            let bytes = run(&store, mode, per_batch, purge, Duration::from_secs(secs))?;
             let rate = bytes as f64 / secs as f64;
             println!("{pattern} {mode}: {:.0} MB/s, {:.0} blocks/s", rate / 1e6, rate / BLOCK as f64);
         }
@@ -50,9 +56,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 }
 
 /// Payload bytes stored in `time`.
+/// When the log is purged and how much of it stays.
+#[derive(Clone, Copy)]
+struct Purge {
+    every: u64,
+    keep: u64,
+}
+
 /// With 256 blocks per batch the batches are consecutive; with fewer,
 /// every block lands at random.
-fn run(store: &Arc<Store>, mode: &str, per_batch: u64, time: Duration) -> Result<u64, StoreError> {
+fn run(store: &Arc<Store>, mode: &str, per_batch: u64, purge: Purge, time: Duration) -> Result<u64, StoreError> {
     let group = GroupId(uuid::Uuid::from_bytes([7; 16]));
     let payload: Vec<u8> = (0..BLOCK * per_batch as usize).map(|i| (i * 31 % 251) as u8).collect();
     let deadline = Instant::now() + time;
@@ -97,10 +110,10 @@ fn run(store: &Arc<Store>, mode: &str, per_batch: u64, time: Duration) -> Result
             batch.put_cf(&log_cf, keys::log_key(group, entry), &payload);
             store.write(batch)?;
             logged += payload.len() as u64;
-            if entry > KEEP && entry.is_multiple_of(PURGE_EVERY) {
+            if entry > purge.keep && entry.is_multiple_of(purge.every) {
                 store.flush_memtables()?;
                 let mut batch = WriteBatch::default();
-                batch.delete_range_cf(&log_cf, keys::log_key(group, 0), keys::log_key(group, entry - KEEP));
+                batch.delete_range_cf(&log_cf, keys::log_key(group, 0), keys::log_key(group, entry - purge.keep));
                 store.write(batch)?;
             }
         }

@@ -186,30 +186,21 @@ impl BlockStore {
         let (start, end) = keys::group_range(self.group);
         let mut batch = WriteBatch::default();
         batch.delete_range_cf(&heads_cf, &start, &end);
-        let mut ro = ReadOptions::default();
-        ro.set_iterate_upper_bound(end.clone());
-        ro.set_total_order_seek(true);
-        ro.fill_cache(false);
-        let mut it = self.store.db().raw_iterator_cf_opt(self.store.cf(CF_BLOCKS)?, ro);
-        it.seek(&start);
-        let (mut last, mut heads) = (None, 0u64);
-        while let (Some(k), Some(v)) = (it.key(), it.value()) {
-            let Some((g, block, version)) = keys::parse_block_key(k) else { break };
-            if g != self.group {
-                break;
+        let (mut heads, mut failed) = (0u64, None);
+        // Every block number is below u64::MAX (file layouts end at 5 << 60).
+        self.for_each_newest(0, u64::MAX, false, |block, version, v| {
+            if failed.is_some() {
+                return;
             }
-            // Versions are newest first.
-            if last != Some(block) {
-                last = Some(block);
-                batch.put_cf(&heads_cf, keys::head_key(self.group, block), encode_head(version, v.is_empty()));
-                heads += 1;
-                if batch.len() >= 65_536 {
-                    self.store.write(std::mem::take(&mut batch))?;
-                }
+            batch.put_cf(&heads_cf, keys::head_key(self.group, block), encode_head(version, v.is_empty()));
+            heads += 1;
+            if batch.len() >= 65_536 {
+                failed = self.store.write(std::mem::take(&mut batch)).err();
             }
-            it.next();
+        })?;
+        if let Some(e) = failed {
+            return Err(e);
         }
-        it.status()?;
         batch.put_cf(self.store.cf(CF_SM)?, keys::sm_key(self.group, SmTag::HeadsBuilt), []);
         self.store.write(batch)?;
         Ok(heads)
@@ -254,18 +245,21 @@ impl BlockStore {
     /// Calls `visit(block, version, stored value)` with the newest stored
     /// version of each block in `first..first+count` that has one, in
     /// order, through one raw iterator (its key and value are borrowed,
-    /// not copied).
+    /// not copied). `fill_cache: false` keeps a whole-volume scan from
+    /// evicting what reads need.
     fn for_each_newest(
         &self,
         first: u64,
         count: u64,
+        fill_cache: bool,
         mut visit: impl FnMut(u64, u64, &[u8]),
     ) -> Result<(), StoreError> {
-        let end = first + count;
+        let end = first.saturating_add(count);
         let (start, stop) = keys::block_range(self.group, first, end);
         let mut ro = ReadOptions::default();
         ro.set_iterate_upper_bound(stop);
         ro.set_total_order_seek(true);
+        ro.fill_cache(fill_cache);
         let mut it = self.store.db().raw_iterator_cf_opt(self.store.cf(CF_BLOCKS)?, ro);
         it.seek(&start);
         let mut last_block = None;
@@ -292,7 +286,7 @@ impl BlockStore {
     #[allow(clippy::type_complexity)]
     pub fn read_range(&self, first: u64, count: u64) -> Result<Vec<Result<Option<(u64, Stored)>, u64>>, StoreError> {
         let mut out: Vec<Result<Option<(u64, Stored)>, u64>> = (0..count).map(|_| Ok(None)).collect();
-        self.for_each_newest(first, count, |b, version, v| {
+        self.for_each_newest(first, count, true, |b, version, v| {
             out[(b - first) as usize] = match decode_value(v) {
                 Some(s) => Ok(Some((version, s))),
                 None => Err(version),
@@ -309,7 +303,7 @@ impl BlockStore {
     /// fill after a repair.
     pub fn read_range_into(&self, first: u64, count: u64, out: &mut [u8]) -> Result<Vec<(u64, u64)>, StoreError> {
         let mut corrupt = Vec::new();
-        self.for_each_newest(first, count, |b, version, v| {
+        self.for_each_newest(first, count, true, |b, version, v| {
             if v.is_empty() {
                 return;
             }
