@@ -6,6 +6,12 @@ use clap::Parser;
 use tracing_subscriber::EnvFilter;
 use volumed::config::Flags;
 
+// jemalloc replaces malloc for the whole process, RocksDB's C++ included
+// (`unprefixed_malloc_on_supported_platforms`): under 1 MiB sequential reads
+// glibc's malloc/free of RocksDB's 4 KiB blocks took 15% of a leader's CPU.
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> ExitCode {
     let flags = Flags::parse();
     let config = match flags.check() {
