@@ -359,9 +359,6 @@ impl<C: GroupTypeConfig> RaftLogStorage<C> for LogStore<C> {
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
-        // State machines write without the WAL: before dropping log entries
-        // they may still need to replay, make their effects durable.
-        self.store.flush_memtables().map_err(|e| StorageIOError::write_logs(io_err(e)))?;
         let log_cf = self.store.cf(CF_RAFT_LOG).map_err(|e| StorageIOError::write_logs(io_err(e)))?;
         let state_cf = self.store.cf(CF_RAFT_STATE).map_err(|e| StorageIOError::write_logs(io_err(e)))?;
         let mut batch = WriteBatch::default();
@@ -371,7 +368,15 @@ impl<C: GroupTypeConfig> RaftLogStorage<C> for LogStore<C> {
             encode(&log_id).map_err(|e| StorageIOError::write_logs(io_err(e)))?,
         );
         batch.delete_range_cf(&log_cf, keys::log_key(self.group, 0), keys::log_key(self.group, log_id.index + 1));
-        self.store.write(batch).map_err(|e| StorageIOError::write_logs(io_err(e)))?;
+        // State machines write without the WAL, so the entries they may
+        // still need to replay can go only with their effects made durable.
+        // The purge is written without the WAL too, then one atomic flush
+        // makes the state machines and the purge durable together: a crash
+        // before it loses both (the WAL still replays the entries), and the
+        // flush drops the purged entries still in the memtable instead of
+        // writing them to an SST file for compaction to delete later.
+        self.store.write_unlogged(batch).map_err(|e| StorageIOError::write_logs(io_err(e)))?;
+        self.store.flush_memtables().map_err(|e| StorageIOError::write_logs(io_err(e)))?;
         if let Some(cache) = &self.cache {
             cache.release_through(log_id.index);
         }

@@ -166,8 +166,10 @@ impl Store {
 
     /// Write without the WAL. Only for state-machine updates that the Raft
     /// log can reproduce: after a crash they roll back to the last memtable
-    /// flush and openraft re-applies the log from there. Logs are purged
-    /// only after [`Store::flush_memtables`], so the log always covers the gap.
+    /// flush and openraft re-applies the log from there. Log purges are
+    /// written the same way and made durable only by
+    /// [`Store::flush_memtables`], together with the state-machine writes
+    /// before them, so the log always covers the gap.
     pub fn write_unlogged(&self, batch: WriteBatch) -> Result<(), StoreError> {
         let mut wo = WriteOptions::default();
         wo.disable_wal(true);
