@@ -35,6 +35,14 @@ use crate::storage::{Store, StoreError};
 
 pub const BS: usize = BLOCK_SIZE as usize;
 
+/// Reads of at least this many blocks (128 KiB: the kernel's default
+/// readahead window, so sequential scans) bypass the block cache. With one
+/// 4 KiB value per SST data block, caching a scan costs an insert and an
+/// eviction per block and the destruction of the evicted one — 12% of a
+/// leader's CPU under 1 MiB sequential reads — and pushes out the small random
+/// reads' working set; the scanned SST pages stay in the page cache.
+const SCAN_BLOCKS: u64 = 32;
+
 /// Stored form of one block version.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Stored {
@@ -92,14 +100,6 @@ pub fn all_zero(data: &[u8]) -> bool {
 }
 
 /// A `heads` value: the newest version and whether it is a zero marker.
-/// Reads of at least this many blocks (128 KiB: the kernel's default
-/// readahead window, so sequential scans) bypass the block cache. With one
-/// 4 KiB value per SST data block, caching a scan costs an insert and an
-/// eviction per block — 9% of a leader's CPU under 1 MiB sequential reads,
-/// plus the frees of the evicted blocks — and pushes out the small random
-/// reads' working set; the scanned SST pages stay in the page cache.
-const SCAN_BLOCKS: u64 = 32;
-
 fn encode_head(version: u64, zero: bool) -> [u8; 9] {
     let mut v = [0u8; 9];
     v[..8].copy_from_slice(&version.to_be_bytes());
